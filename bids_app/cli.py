@@ -1,0 +1,187 @@
+"""Command line of the BIDS App: ``deepisles bids_dir output_dir {participant,group} [options]``.
+
+Also ``deepisles evaluate DERIV_DIR REFERENCE_DIR`` to score masks against expert masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from bids_app import APP_NAME, __version__
+from bids_app.config import RunConfig, default_nprocs, parse_memory_gb
+from bids_app.errors import DeepIslesError, InputError, UsageError
+
+LOGGER = logging.getLogger("deepisles")
+LEVELS = ("participant", "group")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (exit 64) instead of exiting with 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _labels(values):
+    if not values:
+        return None
+    out = []
+    for value in values:
+        out.extend(v for v in value.replace(",", " ").split() if v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="deepisles", description="DeepISLES ischemic stroke lesion segmentation "
+                "from DWI and ADC, as a BIDS App.")
+    p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset (never written)")
+    p.add_argument("output_dir", type=Path, help="root of the output derivative dataset")
+    p.add_argument("analysis_level", help="'participant' or 'group'")
+    p.add_argument("--version", action="version", version=f"{APP_NAME} {__version__}")
+    g = p.add_argument_group("selection")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", dest="participant_label",
+                   help="subjects to process, with or without 'sub-'")
+    g.add_argument("--session-label", "--session_label", nargs="+", dest="session_label",
+                   help="sessions to process, with or without 'ses-'")
+    g.add_argument("--bids-filter-file", type=Path, help="JSON of pybids filters per input "
+                   "(keys: dwi, trace, adc, flair)")
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true")
+    r = p.add_argument_group("resources")
+    r.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                   help="working directory, reused to resume (default: ./work)")
+    r.add_argument("--nprocs", "--n_cpus", type=int, default=None, help="processes at once")
+    r.add_argument("--omp-nthreads", type=int, default=None, help="threads per process")
+    r.add_argument("--mem", "--mem_mb", dest="mem", default=None, help="memory limit, e.g. 8GB")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    m = p.add_argument_group("models")
+    m.add_argument("--models", nargs="+", default=None,
+                   help="members: builtin, seals, nvauto, factorizer (default: every official "
+                        "member whose weights are in --weights-dir, else builtin)")
+    m.add_argument("--weights-dir", type=Path, default=None,
+                   help="the unpacked official DeepISLES 'weights/' folder")
+    m.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    m.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
+    m.add_argument("--min-lesion-ml", type=float, default=None,
+                   help="remove lesion components smaller than this (ml)")
+    o = p.add_argument_group("other")
+    o.add_argument("--stop-on-first-crash", action="store_true")
+    o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")
+    o.add_argument("--config-file", type=Path, help="JSON file of option defaults")
+    o.add_argument("--random-seed", type=int, default=0)
+    o.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def parse_config(argv) -> RunConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config_file:
+        try:
+            defaults = json.loads(Path(args.config_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{args.config_file}: cannot read the config file ({exc})") from None
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in defaults.items()})
+        args = parser.parse_args(argv)
+    if args.analysis_level not in LEVELS:
+        err = UsageError(f"unknown analysis level {args.analysis_level!r}: use participant or group")
+        err.exit_code = 17
+        raise err
+    bids_dir = args.bids_dir.absolute()
+    output_dir = args.output_dir.absolute()
+    work_dir = args.work_dir.absolute()
+    if not bids_dir.is_dir():
+        raise InputError(bids_dir, "BIDS directory not found")
+    if output_dir.resolve() == bids_dir.resolve():
+        raise UsageError(f"{output_dir}: output_dir must differ from bids_dir")
+    if _inside(output_dir, bids_dir):
+        raise UsageError(f"{output_dir}: output_dir is inside bids_dir; the input is never written")
+    if _inside(work_dir, bids_dir):
+        raise UsageError(f"{work_dir}: the work directory is inside bids_dir; choose another -w")
+    bids_filter = None
+    if args.bids_filter_file:
+        try:
+            bids_filter = json.loads(Path(args.bids_filter_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{args.bids_filter_file}: not a readable JSON filter file ({exc})") from None
+    nprocs = args.nprocs or default_nprocs()
+    if nprocs < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
+        raise UsageError("--nprocs and --omp-nthreads must be at least 1")
+    omp = args.omp_nthreads or min(nprocs, 8)
+    min_ml = args.min_lesion_ml
+    return RunConfig(
+        bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
+        work_dir=work_dir, participant_labels=_labels(args.participant_label),
+        session_labels=_labels(args.session_label), bids_filter=bids_filter,
+        skip_bids_validation=args.skip_bids_validation, nprocs=nprocs, omp_nthreads=omp,
+        mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
+        weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
+        threshold=args.threshold, min_lesion_ml=min_ml if min_ml is not None else _default_min_ml(),
+        stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
+        random_seed=args.random_seed, verbose=args.verbose,
+        command_line=shlex.join([APP_NAME, *argv]),
+    )
+
+
+def _default_min_ml() -> float:
+    try:
+        from models.builtin.predictor import DEFAULT_MIN_LESION_ML
+
+        return float(DEFAULT_MIN_LESION_ML)
+    except (ImportError, AttributeError):
+        return 0.0
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _prepare_environment(config: RunConfig) -> None:
+    """Caches outside HOME (read-only or foreign HOME on clusters), nothing from the network."""
+    cache = config.work_dir / ".cache"
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "evaluate":
+            from bids_app.evaluate import main_evaluate
+
+            return main_evaluate(argv[1:])
+        config = parse_config(argv)
+        _setup_logging(config.verbose)
+        _prepare_environment(config)
+        if config.analysis_level == "group":
+            from bids_app.group import run_group
+
+            run_group(config.output_dir)
+            return 0
+        from bids_app.execution import run_participant
+
+        return run_participant(config)
+    except DeepIslesError as exc:
+        print(f"deepisles: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

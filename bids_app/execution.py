@@ -1,0 +1,155 @@
+"""Participant level: discover, build the workflow, run it, then write every subject's report."""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from pathlib import Path
+
+from bids_app import __version__
+from bids_app.config import RunConfig
+from bids_app.derivatives import ensure_writable_dir, write_dataset_description
+from bids_app.errors import DeepIslesError
+from bids_app.paths import crash_dir, reportlets_dir, session_name
+from nodes.base import atomic_write_text, write_json_atomic
+
+LOGGER = logging.getLogger("deepisles")
+EXIT_BY_ERROR = {"InputError": 66, "WeightsError": 66, "OutputError": 73}
+
+
+def _write_error_file(config: RunConfig, session, step: str, message: str) -> Path:
+    """A crash file in nipype's text format for a session that never reached the workflow."""
+    path = crash_dir(config, session.subject) / f"crash-{session_name(session)}-{step}.txt"
+    atomic_write_text(f"Node: {step}\nSession: {session_name(session)}\n\n"
+                      f"Traceback (most recent call last):\n  (before the workflow)\n"
+                      f"InputError: {message}\n", path)
+    return path
+
+
+def _crash_errors(config: RunConfig, subjects) -> dict[str, list[str]]:
+    """Last exception line of every crash file of this run, by subject."""
+    errors = {}
+    for subject in subjects:
+        lines = []
+        for crash in sorted(crash_dir(config, subject).glob("crash-*.txt")):
+            text = crash.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            exc = [ln for ln in text if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
+            lines.append(exc[-1] if exc else (text[-1] if text else crash.name))
+        if lines:
+            errors[subject] = lines
+    return errors
+
+
+def _exit_code(errors: dict[str, list[str]]) -> int:
+    if not errors:
+        return 0
+    codes = set()
+    for lines in errors.values():
+        for line in lines:
+            name = line.split(":", 1)[0].rsplit(".", 1)[-1]
+            codes.add(EXIT_BY_ERROR.get(name, 1))
+    return codes.pop() if len(codes) == 1 else 1
+
+
+def _plugin(config: RunConfig):
+    if config.nprocs <= 1:
+        return "Linear", {}
+    args = {"n_procs": config.nprocs, "raise_insufficient": False, "n_gpu_procs": 1}
+    if config.mem_gb:
+        args["memory_gb"] = config.mem_gb
+    return "MultiProc", args
+
+
+def _nipype_config(config: RunConfig) -> None:
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    ncfg.set("execution", "crashfile_format", "txt")
+    ncfg.set("execution", "crashdump_dir", str(config.work_dir / "crash"))
+    ncfg.set("execution", "poll_sleep_duration", "0.05")
+    ncfg.set("execution", "stop_on_first_crash", str(config.stop_on_first_crash).lower())
+    ncfg.set("execution", "remove_unnecessary_outputs", "false")
+    ncfg.set("execution", "check_version", "false")
+    ncfg.set("execution", "hash_method", "content")
+    ncfg.set("monitoring", "enabled", "false")
+    level = "INFO" if config.verbose else "WARNING"
+    for name in ("workflow", "interface", "utils"):
+        ncfg.set("logging", f"{name}_level", level)
+    nlogging.update_logging(ncfg)
+
+
+def models_provenance(members, weights_dir) -> list[dict]:
+    from models import registry
+
+    return [registry.provenance(name, weights_dir) for name in members]
+
+
+def run_participant(config: RunConfig) -> int:
+    """Run the participant level; return the BIDS exit code."""
+    from bids_app.discovery import discover
+    from bids_app.report import build_subject_report
+    from models import registry
+
+    ensure_writable_dir(config.output_dir)
+    ensure_writable_dir(config.work_dir, "work directory")
+    sessions = discover(config.bids_dir, config.participant_labels, config.session_labels,
+                        config.bids_filter, validate=not config.skip_bids_validation,
+                        database_dir=config.work_dir / "bids_db")
+    subjects = sorted({s.subject for s in sessions})
+    members = registry.resolve_members(config.models, config.weights_dir)
+    provenance = models_provenance(members, config.weights_dir)
+    run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,
+                "models": provenance}
+
+    if not config.reports_only:
+        write_dataset_description(config.output_dir, config.bids_dir, provenance)
+        write_json_atomic(config.to_dict(), config.output_dir / "logs" / config.run_id / "config.json")
+        good = []
+        for session in sessions:
+            rdir = reportlets_dir(config.work_dir, session)
+            write_json_atomic({**session.to_dict(), "step": "discovery"}, rdir / "discovery.json")
+            if session.problem:
+                LOGGER.error("%s: %s", session_name(session), session.problem)
+                _write_error_file(config, session, "discovery", session.problem)
+                if config.stop_on_first_crash:
+                    break
+            else:
+                good.append(session)
+        if good and not (config.stop_on_first_crash and len(good) < len(sessions)):
+            _run_workflow(config, good, members, provenance)
+
+    errors = _crash_errors(config, subjects)
+    for subject in subjects:
+        try:
+            build_subject_report(config.output_dir, subject, work_dir=config.work_dir,
+                                 run_info=run_info)
+        except Exception:  # a report failure must not hide the results
+            LOGGER.error("report of sub-%s failed:\n%s", subject, traceback.format_exc())
+            errors.setdefault(subject, []).append("report generation failed")
+    for subject, lines in errors.items():
+        for line in lines:
+            LOGGER.error("sub-%s: %s", subject, line)
+    done = len(subjects) - len(errors)
+    LOGGER.warning("participant level finished: %d of %d subjects without errors", done,
+                   len(subjects))
+    return _exit_code(errors)
+
+
+def _run_workflow(config: RunConfig, sessions, members, provenance) -> None:
+    import os
+
+    from bids_app.workflow import init_deepisles_wf
+
+    _nipype_config(config)
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.omp_nthreads))
+    wf = init_deepisles_wf(sessions, config, members, provenance)
+    plugin, args = _plugin(config)
+    try:
+        wf.run(plugin=plugin, plugin_args=args)
+    except RuntimeError as exc:  # nipype: "Workflow did not execute cleanly"
+        LOGGER.info("nipype reported failed nodes: %s", exc)
+        if config.stop_on_first_crash:
+            LOGGER.error("stopping on first crash")
+    except DeepIslesError:
+        raise

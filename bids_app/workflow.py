@@ -1,0 +1,202 @@
+"""nipype workflows: ``init_deepisles_wf`` over all sessions, ``init_single_subject_wf`` per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_app.config import RunConfig
+from bids_app.discovery import SessionInputs
+from bids_app.paths import crash_dir, reportlets_dir, session_name
+
+LESION_THRESHOLD_DOC = "probability >= {thr} after the ensemble rule, components < {ml} ml removed"
+
+
+def init_deepisles_wf(sessions: list[SessionInputs], config: RunConfig, members: list[str],
+                      provenance: list[dict]):
+    """All sessions of the run, each as an independent sub-workflow (one failure costs one session).
+
+    Outputs are written by each session's sinks; the workflow has no outputnode of its own.
+    """
+    wf = pe.Workflow(name="deepisles_wf", base_dir=str(config.work_dir))
+    for session in sessions:
+        wf.add_nodes([init_single_subject_wf(session, config, members, provenance)])
+    return wf
+
+
+def _sink(name, config, session, suffix, reference=None, dtype=None, meta=None, **entities):
+    from nodes.datasink import DerivativesSink
+
+    node = pe.Node(
+        DerivativesSink(output_dir=str(config.output_dir), entities=session.entities, suffix=suffix,
+                        **{k: v for k, v in entities.items() if v}),
+        name=name, run_without_submitting=True,
+    )
+    if reference is not None:
+        node.inputs.reference_file = str(reference)
+    if dtype:
+        node.inputs.dtype = dtype
+    if meta:
+        node.inputs.metadata = meta
+    return node
+
+
+def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: list[str],
+                           provenance: list[dict]):
+    """One subject/session: load, diffusion, ADC units, grid, brain, members, ensemble, outputs.
+
+    Inputs (``inputnode``): dwi, adc, bval, bvec, flair (paths; missing ones left undefined).
+    Outputs (``outputnode``): mask, probseg, stats (paths in the derivative dataset).
+    """
+    from nodes.adc_units import HarmoniseADCUnits
+    from nodes.biomarkers import LesionStats
+    from nodes.conform import ConformADC
+    from nodes.diffusion import ComputeTraceADC
+    from nodes.ensemble import EnsembleMembers
+    from nodes.figures import LesionFigures
+    from nodes.load import LoadInputs
+    from nodes.normalize import NormalizeIntensity
+    from nodes.segment import SegmentLesions
+    from nodes.skullstrip import BrainExtraction
+
+    name = session_name(session)
+    wf = pe.Workflow(name=f"{name}_wf")
+    rdir = str(reportlets_dir(config.work_dir, session))
+    Path(rdir).mkdir(parents=True, exist_ok=True)
+
+    inputnode = pe.Node(niu.IdentityInterface(fields=["dwi", "adc", "bval", "bvec", "flair"]),
+                        name="inputnode")
+    for field in ("dwi", "adc", "bval", "bvec", "flair"):
+        value = getattr(session, field)
+        if value is not None:
+            setattr(inputnode.inputs, field, str(value))
+    outputnode = pe.Node(niu.IdentityInterface(fields=["mask", "probseg", "stats"]),
+                         name="outputnode")
+
+    def node(interface, step_name, mem_gb=0.3, **kw):
+        return pe.Node(interface(reportlets_dir=rdir, **kw), name=step_name, mem_gb=mem_gb)
+
+    load = node(LoadInputs, "load")
+    diffusion = node(ComputeTraceADC, "diffusion", mem_gb=1.0)
+    units = node(HarmoniseADCUnits, "adc_units")
+    conform = node(ConformADC, "conform")
+    brain = node(BrainExtraction, "skullstrip", mem_gb=0.5)
+    normalize = node(NormalizeIntensity, "normalize")
+    stats = node(LesionStats, "biomarkers")
+    figures = node(LesionFigures, "figures", out_prefix=name)
+    ensemble = node(EnsembleMembers, "ensemble", members=members)
+
+    # fmt: off
+    wf.connect([
+        (inputnode, load, [("dwi", "dwi_file"), ("adc", "adc_file"), ("flair", "flair_file"),
+                           ("bval", "bval_file")]),
+        (inputnode, diffusion, [("bval", "bval_file"), ("bvec", "bvec_file")]),
+        (load, diffusion, [("dwi_file", "dwi_file"), ("adc_file", "adc_file")]),
+        (diffusion, units, [("adc_file", "adc_file")]),
+        (diffusion, conform, [("trace_file", "dwi_file")]),
+        (units, conform, [("adc_file", "adc_file")]),
+        (diffusion, brain, [("trace_file", "trace_file")]),
+        (conform, brain, [("adc_file", "adc_file")]),
+        (brain, normalize, [("trace_file", "trace_file"), ("adc_file", "adc_file"),
+                            ("mask_file", "mask_file")]),
+        (ensemble, stats, [("mask_file", "mask_file"), ("prob_file", "prob_file")]),
+        (brain, stats, [("adc_file", "adc_file")]),
+        (brain, figures, [("trace_file", "trace_file"), ("adc_file", "adc_file")]),
+        (ensemble, figures, [("mask_file", "mask_file")]),
+    ])
+    # fmt: on
+
+    merge_prob = pe.Node(niu.Merge(len(members)), name="merge_prob", run_without_submitting=True)
+    merge_mask = pe.Node(niu.Merge(len(members)), name="merge_mask", run_without_submitting=True)
+    use_gpu = config.device == "cuda" or (config.device == "auto" and _cuda_available())
+    for index, member in enumerate(members, start=1):
+        seg = node(SegmentLesions, f"segment_{member}", mem_gb=2.0, member=member,
+                   device=config.device, tta=config.tta, threshold=config.threshold,
+                   min_lesion_ml=config.min_lesion_ml, num_threads=config.omp_nthreads,
+                   seed=config.random_seed, use_gpu=use_gpu)
+        if config.weights_dir:
+            seg.inputs.weights_dir = str(config.weights_dir)
+        # fmt: off
+        wf.connect([
+            (normalize, seg, [("dwi_norm_file", "dwi_norm_file"), ("adc_norm_file", "adc_norm_file")]),
+            (brain, seg, [("trace_file", "trace_file"), ("adc_file", "adc_file")]),
+            (load, seg, [("flair_file", "flair_file")]),
+            (seg, merge_prob, [("prob_file", f"in{index}")]),
+            (seg, merge_mask, [("mask_file", f"in{index}")]),
+        ])
+        # fmt: on
+    wf.connect([(merge_prob, ensemble, [("out", "prob_files")]),
+                (merge_mask, ensemble, [("out", "mask_files")])])
+
+    _connect_outputs(wf, session, config, members, provenance, brain, ensemble, stats, figures,
+                     outputnode)
+    for wf_node in wf._get_all_nodes():
+        wf_node.config = {"execution": {"crashdump_dir": str(crash_dir(config, session.subject)),
+                                        "crashfile_format": "txt"}}
+    return wf
+
+
+def _connect_outputs(wf, session, config, members, provenance, brain, ensemble, stats, figures,
+                     outputnode):
+    """Sinks for every derivative of one session."""
+    ref = session.dwi
+    sources = [_bids_uri(config, p) for p in (session.dwi, session.adc) if p is not None]
+    spatial = _bids_uri(config, session.dwi)
+    mask_meta = {
+        "Type": "Lesion", "Description": "Acute ischemic stroke lesion (DWI/ADC), binary",
+        "Sources": sources, "SpatialReference": spatial, "Threshold": config.threshold,
+        "MinimumLesionSizeMl": config.min_lesion_ml, "Models": provenance,
+        "EnsembleRule": "single member" if len(members) == 1 else "majority vote",
+    }
+    prob_meta = {**mask_meta, "Type": "Lesion", "Description": "Lesion probability (ensemble mean)"}
+    prob_meta.pop("Threshold")
+    sinks = [
+        ("ds_mask", ensemble, "mask_file", dict(label="lesion", suffix="mask", dtype="uint8",
+                                                 meta=mask_meta, reference=ref)),
+        ("ds_probseg", ensemble, "prob_file", dict(label="lesion", suffix="probseg",
+                                                    dtype="float32", meta=prob_meta, reference=ref)),
+        ("ds_trace", brain, "trace_file", dict(desc="preproc", suffix="trace", dtype="float32",
+                                               reference=ref, meta={
+                                                   "Sources": sources, "SkullStripped": True,
+                                                   "SpatialReference": spatial})),
+        ("ds_adc", brain, "adc_file", dict(desc="preproc", suffix="ADC", dtype="float32",
+                                           reference=ref, meta={
+                                               "Sources": sources, "SkullStripped": True,
+                                               "Units": "1e-3 mm^2/s", "SpatialReference": spatial})),
+        ("ds_brain", brain, "mask_file", dict(desc="brain", suffix="mask", dtype="uint8",
+                                              reference=ref, meta={
+                                                  "Type": "Brain", "Sources": sources,
+                                                  "SpatialReference": spatial})),
+        ("ds_stats", stats, "stats_file", dict(desc="lesion", suffix="stats")),
+    ]
+    for name, src, field, opts in sinks:
+        sink = _sink(name, config, session, opts.pop("suffix"), reference=opts.pop("reference", None),
+                     dtype=opts.pop("dtype", None), meta=opts.pop("meta", None), **opts)
+        wf.connect(src, field, sink, "in_file")
+        if name == "ds_mask":
+            wf.connect(sink, "out_file", outputnode, "mask")
+        elif name == "ds_probseg":
+            wf.connect(sink, "out_file", outputnode, "probseg")
+        elif name == "ds_stats":
+            wf.connect(sink, "out_file", outputnode, "stats")
+    ds_figures = _sink("ds_figures", config, session, "figures", datatype="figures")
+    wf.connect(figures, "figure_files", ds_figures, "in_file")
+
+
+def _bids_uri(config: RunConfig, path) -> str:
+    try:
+        rel = Path(path).absolute().relative_to(Path(config.bids_dir).absolute())
+        return f"bids:raw:{rel.as_posix()}"
+    except ValueError:
+        return str(path)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover
+        return False

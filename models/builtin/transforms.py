@@ -1,0 +1,56 @@
+"""Intensity normalisation of the built-in model, shared by inference and the training generator."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DWI_CLIP = 8.0
+ADC_CLIP = 4.0  # in 1e-3 mm2/s
+
+
+def normalize_channels(trace: np.ndarray, adc: np.ndarray, brain: np.ndarray):
+    """Return ``(dwi_n, adc_n)`` float32 arrays, zero outside the brain.
+
+    - ``dwi_n``: trace divided by its median inside the brain (scanner-independent scale), clipped to
+      ``[0, DWI_CLIP]``.
+    - ``adc_n``: ADC in 1e-3 mm2/s (already harmonised), clipped to ``[0, ADC_CLIP]``; kept in physical
+      units because the absolute ADC drop is the most specific sign of acute ischaemia.
+    """
+    brain = np.asarray(brain) > 0
+    trace = np.nan_to_num(np.asarray(trace, dtype=np.float32))
+    adc = np.nan_to_num(np.asarray(adc, dtype=np.float32))
+    inside = trace[brain & (trace > 0)]
+    scale = float(np.median(inside)) if inside.size else 1.0
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    dwi_n = np.clip(trace / scale, 0.0, DWI_CLIP) * brain
+    adc_n = np.clip(adc, 0.0, ADC_CLIP) * brain
+    return dwi_n.astype(np.float32), adc_n.astype(np.float32)
+
+
+def normalize_channels_torch(trace, adc, brain):
+    """Torch twin of :func:`normalize_channels` (same maths, any device), used by the training generator.
+
+    ``trace``, ``adc``, ``brain``: tensors of one volume (any shape). Returns ``(dwi_n, adc_n)`` float32.
+    The median is ``torch.quantile(.., 0.5)`` (linear interpolation), which equals ``numpy.median``.
+    """
+    import torch
+
+    brain = brain > 0
+    trace = torch.nan_to_num(trace.float())
+    adc = torch.nan_to_num(adc.float())
+    inside = trace[brain & (trace > 0)]
+    if inside.numel():
+        if inside.numel() > 8_000_000:  # quantile's input size limit; sorting gives the same value
+            s = torch.sort(inside).values
+            n = s.numel()
+            scale = 0.5 * (s[(n - 1) // 2] + s[n // 2])
+        else:
+            scale = torch.quantile(inside, 0.5)
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    else:
+        scale = torch.ones((), device=trace.device)
+    b = brain.float()
+    dwi_n = torch.clamp(trace / scale, 0.0, DWI_CLIP) * b
+    adc_n = torch.clamp(adc, 0.0, ADC_CLIP) * b
+    return dwi_n, adc_n
