@@ -1,0 +1,100 @@
+"""The BIDS-App command-line contract: options, labels, refusals and exit codes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bids_app.cli import main, parse_config
+from bids_app.config import parse_memory_gb
+from bids_app.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "bids_app" / "data" / "demo" / "isles22-sample"
+
+
+def test_version_via_run_py():
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "--version"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0
+    assert out.stdout.startswith("deepisles-bids ")
+
+
+def test_unknown_analysis_level_is_17(tmp_path):
+    assert main([str(DEMO), str(tmp_path / "out"), "session"]) == 17
+
+
+def test_output_equal_to_bids_dir_is_refused(tmp_path, capsys):
+    assert main([str(DEMO), str(DEMO), "participant"]) == 64
+    assert "output_dir must differ" in capsys.readouterr().err
+
+
+def test_output_inside_bids_dir_is_refused():
+    assert main([str(DEMO), str(DEMO / "derivatives" / "x"), "participant"]) == 64
+
+
+def test_work_dir_inside_bids_dir_is_refused(tmp_path, capsys):
+    code = main([str(DEMO), str(tmp_path / "out"), "participant", "-w", str(DEMO / "work")])
+    assert code == 64
+    assert "work directory is inside bids_dir" in capsys.readouterr().err
+    assert not (DEMO / "work").exists()
+
+
+def test_missing_bids_dir_is_66(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out"), "participant"]) == 66
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+
+
+def test_bad_option_is_usage_error(tmp_path):
+    assert main([str(DEMO), str(tmp_path / "out"), "participant", "--nprocs", "x"]) == 64
+    assert main([str(DEMO), str(tmp_path / "out"), "participant", "--device", "tpu"]) == 64
+
+
+def test_labels_split_and_options(tmp_path):
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--participant-label",
+                        "sub-01", "02,s060", "--session_label", "ses-1", "--nprocs", "3",
+                        "--mem", "3000MB", "--models", "builtin", "-vv", "-w", str(tmp_path / "w")])
+    assert cfg.participant_labels == ["sub-01", "02", "s060"]
+    assert cfg.session_labels == ["ses-1"]
+    assert cfg.nprocs == 3 and cfg.omp_nthreads == 3
+    assert cfg.mem_gb == pytest.approx(3000 / 1024)
+    assert cfg.models == ["builtin"] and cfg.verbose == 2
+    assert cfg.work_dir == tmp_path / "w"
+
+
+def test_config_file_gives_defaults(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text('{"nprocs": 4, "random_seed": 7}')
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--config-file", str(conf)])
+    assert cfg.nprocs == 4 and cfg.random_seed == 7
+
+
+@pytest.mark.parametrize("text,gb", [("8", 8), ("8G", 8), ("8GB", 8), ("512MB", 0.5), ("1T", 1024)])
+def test_parse_memory(text, gb):
+    assert parse_memory_gb(text) == pytest.approx(gb)
+
+
+def test_parse_memory_rejects_garbage():
+    with pytest.raises(UsageError):
+        parse_memory_gb("lots")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_output_dir_is_73(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert main([str(DEMO), str(out), "participant", "-w", str(tmp_path / "w")]) == 73
+    finally:
+        out.chmod(0o700)
+
+
+def test_uncreatable_output_dir_is_73(tmp_path, capsys):
+    """/proc refuses new folders even to root: the run stops with 73 and one line."""
+    code = main([str(DEMO), "/proc/deepisles-out", "participant", "-w", str(tmp_path / "w")])
+    assert code == 73
+    assert "/proc/deepisles-out" in capsys.readouterr().err
