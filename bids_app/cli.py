@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bids_app import APP_NAME, __version__
 from bids_app.config import RunConfig, default_nprocs, parse_memory_gb
+from bids_app.derivatives import ensure_writable_dir
 from bids_app.errors import DeepIslesError, InputError, UsageError
 
 LOGGER = logging.getLogger("deepisles")
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
 
             run_group(config.output_dir)
             return 0
+        ensure_writable_dir(config.output_dir)
+        ensure_writable_dir(config.work_dir, "work directory")
         from bids_app.execution import run_participant
 
         return run_participant(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.config import RunConfig
-from bids_app.derivatives import ensure_writable_dir, write_dataset_description
+from bids_app.derivatives import write_dataset_description
 from bids_app.errors import DeepIslesError
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 from nodes.base import atomic_write_text, write_json_atomic
@@ -91,8 +91,6 @@ def run_participant(config: RunConfig) -> int:
     from bids_app.report import build_subject_report
     from models import registry
 
-    ensure_writable_dir(config.output_dir)
-    ensure_writable_dir(config.work_dir, "work directory")
     sessions = discover(config.bids_dir, config.participant_labels, config.session_labels,
                         config.bids_filter, validate=not config.skip_bids_validation,
                         database_dir=config.work_dir / "bids_db")
