@@ -1,0 +1,102 @@
+"""Shared helpers of the reports: jinja2 environment, label handling, crash-file parsing, citations."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jinja2
+
+CITATIONS = [
+    ("DeepISLES", "de la Rosa E, et al. DeepISLES: a clinically validated ischemic stroke segmentation "
+     "model from the ISLES'22 challenge. Nature Communications (2025).", "10.1038/s41467-025-62373-x"),
+    ("ISLES'22", "Hernandez Petzsche MR, et al. ISLES 2022: A multi-center magnetic resonance imaging stroke "
+     "lesion segmentation dataset. Scientific Data 9, 762 (2022).", "10.1038/s41597-022-01875-5"),
+    ("Nipype", "Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging data "
+     "processing framework in Python. Frontiers in Neuroinformatics 5:13 (2011).", "10.3389/fninf.2011.00013"),
+    ("PyBIDS", "Yarkoni T, et al. PyBIDS: Python tools for BIDS datasets. Journal of Open Source Software "
+     "4(40), 1294 (2019).", "10.21105/joss.01294"),
+    ("MONAI", "Cardoso MJ, et al. MONAI: An open-source framework for deep learning in healthcare. "
+     "arXiv:2211.02701 (2022).", None),
+    ("NiBabel", "Brett M, et al. NiBabel: access a cacophony of neuro-imaging file formats. Zenodo.", None),
+    ("PyTorch", "Paszke A, et al. PyTorch: An imperative style, high-performance deep learning library. "
+     "NeurIPS 32 (2019).", None),
+]
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning))(:.*)?$")
+
+
+def strip_prefix(label: str, prefix: str) -> str:
+    """``'sub-01'`` or ``'01'`` -> ``'01'`` (removeprefix, never lstrip)."""
+    return str(label).removeprefix(f"{prefix}-")
+
+
+def environment() -> jinja2.Environment:
+    """The jinja2 environment of the report templates (autoescape always on)."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = fmt_value
+    return env
+
+
+def fmt_value(value, digits=3) -> str:
+    """Numbers to short text; ``None`` to ``n/a``; containers to compact JSON."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str, sort_keys=True)
+    return str(value)
+
+
+def read_json(path):
+    """JSON content of ``path``, or ``None`` when missing/unreadable (the report shows what exists)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def parse_crash_file(path) -> dict:
+    """Node name, last exception line, session guess and full text of a nipype text crash file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        text = f"(crash file unreadable: {exc})"
+    node = None
+    m = re.search(r"^Node: (.+)$", text, flags=re.M)
+    if m:
+        node = m.group(1).strip()
+    else:  # crash-<time>-<user>-<node>-<uuid>.txt
+        m = re.match(r"crash-\d{8}-\d{6}-[^-]+-(.+)-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", path.name)
+        node = m.group(1) if m else path.stem
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    error = next((ln for ln in reversed(lines) if _EXC_LINE.match(ln) and "NodeExecutionError" not in ln), None)
+    error = error or (lines[-1] if lines else "(empty crash file)")
+    explicit = re.search(r"^Session: sub-[A-Za-z0-9]+(?:_ses-([A-Za-z0-9]+))?\s*$", text, flags=re.M)
+    ses = explicit or re.search(r"(?:^|[._-])ses[-_]([A-Za-z0-9]+?)(?:_wf|[._-]|$)", node or "")
+    return {
+        "file": path.name,
+        "run_id": path.parent.name,
+        "node": node,
+        "step": (node or "").rsplit(".", 1)[-1],
+        "error": error,
+        "session": ses.group(1) if ses else None,
+        "text": text,
+    }
+
+
+def find_crashes(output_dir, subject: str) -> list[dict]:
+    """All ``sub-<s>/log/*/crash-*.txt`` of a subject, parsed, oldest run first."""
+    log = Path(output_dir) / f"sub-{subject}" / "log"
+    return [parse_crash_file(p) for p in sorted(log.glob("*/crash-*.txt"))]
