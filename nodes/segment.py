@@ -1,0 +1,255 @@
+"""Lesion segmentation by one ensemble member (``models/registry.py``): probability + mask, DWI grid.
+
+The predictor of a member is built once per process and cached by (member, weights, device, TTA),
+so a MultiProc worker that segments several sessions loads the network only once. ``use_gpu`` is
+the flag nipype's MultiProc reads (``Node.is_gpu_node``) to count this node against
+``n_gpu_procs``; set it with :func:`wants_gpu` when the workflow is built.
+
+Post-processing is done here, the same for every member: ``mask = prob >= threshold``, then
+26-connected components smaller than ``min_lesion_ml`` are removed (the probability map is kept
+as the member returned it, clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import File, isdefined, traits
+from scipy import ndimage
+
+from bids_app.errors import DeepIslesError, InputError, UsageError
+from models import registry
+from nodes.base import (
+    DecisionInputSpec,
+    DecisionInterface,
+    DecisionOutputSpec,
+    load_nifti,
+    new_image,
+    save_nifti_atomic,
+)
+
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+#: built predictors of this process: (member, weights_dir, weights_file, device, tta) -> predictor
+_PREDICTORS: dict[tuple, object] = {}
+#: which input trait carries each image a member may ask for (see models/registry.py)
+_INPUT_TRAITS = {"dwi_norm": "dwi_norm_file", "adc_norm": "adc_norm_file", "trace": "trace_file",
+                 "adc": "adc_file", "flair": "flair_file"}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - broken torch install
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' if available else 'cpu'; 'cuda' without a GPU -> :class:`UsageError`."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise UsageError("device 'cuda' requested but no CUDA GPU is usable by torch "
+                         "(torch.cuda.is_available() is False); use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def wants_gpu(device: str) -> bool:
+    """Value for the ``use_gpu`` input: True when ``device`` resolves to CUDA."""
+    device = (device or "auto").lower()
+    return device == "cuda" or (device == "auto" and cuda_available())
+
+
+def get_predictor(member: str, weights_dir=None, device: str = "cpu", tta: bool = False, weights_file=None):
+    """The cached predictor of ``member`` (built on first use in this process)."""
+    key = _cache_key(member, weights_dir, device, tta, weights_file)
+    if key not in _PREDICTORS:
+        options = {"tta": bool(tta)}
+        if weights_file:
+            options["weights"] = weights_file
+        _PREDICTORS[key] = registry.build_predictor(member, weights_dir, device, **options)
+    return _PREDICTORS[key]
+
+
+def _cache_key(member, weights_dir, device, tta, weights_file) -> tuple:
+    return (member, str(Path(weights_dir).absolute()) if weights_dir else None,
+            str(Path(weights_file).absolute()) if weights_file else None, device, bool(tta))
+
+
+def clear_predictor_cache() -> None:
+    _PREDICTORS.clear()
+
+
+def postprocess(prob: np.ndarray, threshold: float, min_voxels: int = 0) -> tuple[np.ndarray, int]:
+    """``prob >= threshold`` without 26-connected components under ``min_voxels``.
+
+    Returns ``(uint8 mask, number of components removed)``.
+    """
+    mask = np.asarray(prob) >= threshold
+    removed = 0
+    if min_voxels > 1 and mask.any():
+        labels, n = ndimage.label(mask, structure=_STRUCTURE_26)
+        sizes = np.bincount(labels.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small > 0]
+        removed = int(small.size)
+        if removed:
+            mask[np.isin(labels, small)] = False
+    return mask.astype(np.uint8), removed
+
+
+def format_checksums(sha) -> str:
+    """A hex digest as is; a ``{relpath: hex}`` dict as ``sha256sum`` lines (``sha256sum -c`` ready)."""
+    if isinstance(sha, dict):
+        return "\n".join(f"{h}  {rel}" for rel, h in sorted(sha.items()))
+    return "" if sha is None else str(sha)
+
+
+class _SegmentInputSpec(DecisionInputSpec):
+    member = traits.Str("builtin", usedefault=True, desc="ensemble member (models/registry.py)")
+    dwi_norm_file = File(exists=True, desc="normalised DWI (DWI grid, zero outside the brain)")
+    adc_norm_file = File(exists=True, desc="normalised ADC (DWI grid, zero outside the brain)")
+    trace_file = File(exists=True, desc="un-normalised trace DWI, DWI grid")
+    adc_file = File(exists=True, desc="un-normalised ADC in 1e-3 mm2/s, DWI grid")
+    flair_file = File(exists=True, desc="FLAIR on the DWI grid (members that need it)")
+    weights_dir = traits.Str(desc="folder of the official weights (SEALS/, NVAUTO/, FACTORIZER/)")
+    weights_file = File(exists=True, desc="alternative weights file for the built-in model")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="auto = cuda if available")
+    tta = traits.Bool(False, usedefault=True, desc="test-time augmentation (mirroring)")
+    threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True, desc="lesion where probability >= threshold")
+    min_lesion_ml = traits.Float(desc="drop components smaller than this (ml); default: the member's "
+                                      "recommendation, else 0")
+    num_threads = traits.Int(0, usedefault=True, desc="torch CPU threads (0 = leave torch's default)")
+    seed = traits.Int(42, usedefault=True, desc="torch random seed")
+    use_gpu = traits.Bool(False, usedefault=True, desc="read by MultiProc: counts against n_gpu_procs")
+    step_name = traits.Str(desc="report step name; default 'segment' (use segment_<member> for several)")
+
+
+class _SegmentOutputSpec(DecisionOutputSpec):
+    prob_file = File(exists=True, desc="float32 lesion probability in [0, 1], DWI grid")
+    mask_file = File(exists=True, desc="uint8 lesion mask, DWI grid")
+    member = traits.Str(desc="member that produced the outputs")
+    weights_sha256 = traits.Str(desc="SHA-256 of the weights (sha256sum lines for several files)")
+    device = traits.Str(desc="device actually used")
+
+
+class SegmentLesions(DecisionInterface):
+    """Run one ensemble member on one session."""
+
+    input_spec = _SegmentInputSpec
+    output_spec = _SegmentOutputSpec
+    step = "segment"
+    title = "Lesion segmentation"
+
+    def _image(self, key):
+        name = _INPUT_TRAITS[key]
+        path = getattr(self.inputs, name)
+        if not path:
+            raise UsageError(f"member {self.inputs.member!r} needs the input {name!r} ({key}), not given")
+        img, data = load_nifti(path)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise InputError(path, f"expected a 3-D image, got shape {data.shape}")
+        return path, new_image(data, img, dtype=np.float32)
+
+    def _run_step(self, runtime):
+        member = str(self.inputs.member).strip().lower()
+        if self.inputs.step_name:
+            self.step = str(self.inputs.step_name)
+        spec = registry.get(member)
+        self.title = f"Lesion segmentation ({member})"
+        images = [self._image(k) for k in spec.inputs]
+        ref_path, ref = images[0]
+        for path, img in images[1:]:
+            if img.shape != ref.shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
+                raise InputError(path, f"not on the grid of {Path(ref_path).name} "
+                                       f"(shape {img.shape} vs {ref.shape}); conform it first")
+
+        device = resolve_device(self.inputs.device)
+        weights_dir = self.inputs.weights_dir or None
+        weights_file = self.inputs.weights_file or None
+        cached = _cache_key(member, weights_dir, device, self.inputs.tta, weights_file) in _PREDICTORS
+        t0 = time.perf_counter()
+        predictor = get_predictor(member, weights_dir, device, bool(self.inputs.tta), weights_file)
+        t_build = time.perf_counter() - t0
+
+        import torch
+
+        threads_before = torch.get_num_threads()
+        if self.inputs.num_threads and self.inputs.num_threads > 0:
+            torch.set_num_threads(int(self.inputs.num_threads))
+        threads = torch.get_num_threads()
+        torch.manual_seed(int(self.inputs.seed))
+        t1 = time.perf_counter()
+        try:
+            prob = predictor.predict(*[img for _, img in images])
+        finally:
+            torch.set_num_threads(threads_before)
+        t_pred = time.perf_counter() - t1
+
+        prob = self._check_prob(prob, ref.shape)
+        zooms = ref.header.get_zooms()[:3]
+        voxel_ml = float(np.prod(zooms)) / 1000.0
+        min_ml = self.inputs.min_lesion_ml
+        if not isdefined(min_ml):
+            min_ml = float(getattr(predictor, "recommended_min_lesion_ml", None)
+                           or getattr(predictor, "min_lesion_ml", None) or 0.0)
+        min_vox = int(np.ceil(min_ml / voxel_ml - 1e-9)) if min_ml > 0 else 0
+        threshold = float(self.inputs.threshold)
+        mask, removed = postprocess(prob, threshold, min_vox)
+
+        cwd = Path(runtime.cwd)
+        prob_file = save_nifti_atomic(new_image(prob, ref, dtype=np.float32), cwd / f"{member}_prob.nii.gz")
+        mask_file = save_nifti_atomic(new_image(mask, ref, dtype=np.uint8), cwd / f"{member}_mask.nii.gz")
+        sha = getattr(predictor, "weights_sha256", None)
+        sha_text = format_checksums(sha)
+
+        self.decide(f"Member '{member}' ({spec.description}) on {device} "
+                    f"(requested {self.inputs.device}), {threads} CPU thread(s), "
+                    f"TTA {'on' if self.inputs.tta else 'off'}, seed {self.inputs.seed}.")
+        self.decide(f"Model {'reused from this process' if cached else 'built'} in {t_build:.1f} s; "
+                    f"inference {t_pred:.1f} s.")
+        self.decide(f"Mask = probability >= {threshold:g}"
+                    + (f"; {removed} component(s) under {min_ml:g} ml removed." if min_vox > 1 else "."))
+        n_vox = int(mask.sum())
+        if n_vox == 0:
+            self.decide(f"Member '{member}' found no lesion (empty mask).", "warning")
+        else:
+            self.decide(f"{n_vox} lesion voxels ({n_vox * voxel_ml:.2f} ml).")
+        if not sha_text:
+            self.decide(f"Member '{member}' did not report a weights checksum.", "warning")
+        for key, value in {
+            "member": member, "device": device, "device_requested": self.inputs.device,
+            "num_threads": threads, "tta": bool(self.inputs.tta), "seed": int(self.inputs.seed),
+            "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
+            "weights_sha256": sha if isinstance(sha, dict) else sha_text,
+            "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
+            "lesion_voxels": n_vox, "lesion_ml": round(n_vox * voxel_ml, 4),
+        }.items():
+            self.record(key, value)
+        self._results.update(prob_file=str(prob_file), mask_file=str(mask_file), member=member,
+                             weights_sha256=sha_text, device=device)
+        return runtime
+
+    def _check_prob(self, prob, shape) -> np.ndarray:
+        prob = np.asarray(prob, dtype=np.float32)
+        if prob.ndim > 3:
+            prob = np.squeeze(prob)
+        if prob.shape != tuple(shape):
+            raise DeepIslesError(f"member {self.inputs.member!r} returned a probability map of shape "
+                                 f"{prob.shape}, expected the DWI grid {tuple(shape)}")
+        bad = ~np.isfinite(prob)
+        if bad.any():
+            self.decide(f"{int(bad.sum())} non-finite probabilities set to 0.", "warning")
+            prob = np.where(bad, 0.0, prob).astype(np.float32)
+        if prob.min() < -1e-6 or prob.max() > 1 + 1e-6:
+            self.decide(f"Probabilities outside [0, 1] (range {prob.min():.3g}..{prob.max():.3g}) clipped.",
+                        "warning")
+        return np.clip(prob, 0.0, 1.0).astype(np.float32)
