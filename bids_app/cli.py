@@ -122,7 +122,6 @@ def parse_config(argv) -> RunConfig:
     if nprocs < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nprocs and --omp-nthreads must be at least 1")
     omp = args.omp_nthreads or min(nprocs, 8)
-    min_ml = args.min_lesion_ml
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
         work_dir=work_dir, participant_labels=_labels(args.participant_label),
@@ -130,26 +129,19 @@ def parse_config(argv) -> RunConfig:
         skip_bids_validation=args.skip_bids_validation, nprocs=nprocs, omp_nthreads=omp,
         mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
-        threshold=args.threshold, min_lesion_ml=min_ml if min_ml is not None else _default_min_ml(),
+        threshold=args.threshold, min_lesion_ml=args.min_lesion_ml,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
         command_line=shlex.join([APP_NAME, *argv]),
     )
 
 
-def _default_min_ml() -> float:
-    try:
-        from models.builtin.predictor import DEFAULT_MIN_LESION_ML
-
-        return float(DEFAULT_MIN_LESION_ML)
-    except (ImportError, AttributeError):
-        return 0.0
-
-
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = False  # nipype prints its own lines
 
 
 def _prepare_environment(config: RunConfig) -> None:

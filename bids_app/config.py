@@ -46,7 +46,7 @@ class RunConfig:
     weights_dir: Path | None = None
     tta: bool = False
     threshold: float = 0.5
-    min_lesion_ml: float = 0.0
+    min_lesion_ml: float | None = None  # None: the model's recommendation
     stop_on_first_crash: bool = False
     reports_only: bool = False
     random_seed: int = 0

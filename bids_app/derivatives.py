@@ -9,6 +9,7 @@ from pathlib import Path
 from bids.layout.writing import build_path
 
 from bids_app import APP_NAME, __version__
+from bids_app.citations import cite
 from bids_app.errors import OutputError
 from nodes.base import atomic_write_text, write_json_atomic
 
@@ -23,15 +24,8 @@ logs/
 sub-*/log/
 sub-*/figures/
 group_lesions.*
+evaluation.tsv
 """
-
-CITATIONS = {
-    "DeepISLES": "de la Rosa E, et al. DeepISLES: a clinically validated ischemic stroke segmentation "
-    "model from the ISLES'22 challenge. Nat Commun 16, 7357 (2025). doi:10.1038/s41467-025-62373-x",
-    "ISLES22": "Hernandez Petzsche MR, de la Rosa E, et al. ISLES 2022: A multi-center magnetic resonance "
-    "imaging stroke lesion segmentation dataset. Sci Data 9, 762 (2022). doi:10.1038/s41597-022-01875-5",
-}
-
 
 def derivative_path(output_dir, entities: dict, **extra) -> Path:
     """Absolute path of a derivative named from ``entities`` (subject, session) and ``extra``."""
@@ -78,7 +72,7 @@ def write_dataset_description(output_dir, bids_dir, models: list[dict], containe
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
         "SourceDatasets": [src],
-        "HowToAcknowledge": " ".join(CITATIONS.values()),
+        "HowToAcknowledge": "Cite " + cite("DeepISLES") + " and " + cite("ISLES'22"),
     }
     write_json_atomic(description, output_dir / "dataset_description.json")
     atomic_write_text(BIDSIGNORE, output_dir / ".bidsignore")

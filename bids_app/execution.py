@@ -95,6 +95,9 @@ def run_participant(config: RunConfig) -> int:
                         config.bids_filter, validate=not config.skip_bids_validation,
                         database_dir=config.work_dir / "bids_db")
     subjects = sorted({s.subject for s in sessions})
+    from nodes.segment import resolve_device
+
+    resolve_device(config.device)  # --device cuda without a GPU fails now, not inside every session
     members = registry.resolve_members(config.models, config.weights_dir)
     provenance = models_provenance(members, config.weights_dir)
     run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,

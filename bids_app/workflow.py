@@ -58,9 +58,16 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     from nodes.figures import LesionFigures
     from nodes.load import LoadInputs
     from nodes.normalize import NormalizeIntensity
-    from nodes.segment import SegmentLesions
+    from nodes.segment import SegmentLesions, wants_gpu
     from nodes.skullstrip import BrainExtraction
 
+    from models.registry import members_for_session
+
+    members, dropped = members_for_session(members, session.flair is not None)
+    if dropped:
+        session.notes.append(f"no FLAIR: members {', '.join(dropped)} cannot run for this session")
+    if not members:
+        raise ValueError(f"no member of the ensemble can run without FLAIR ({', '.join(dropped)})")
     name = session_name(session)
     wf = pe.Workflow(name=f"{name}_wf")
     rdir = str(reportlets_dir(config.work_dir, session))
@@ -75,8 +82,8 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     outputnode = pe.Node(niu.IdentityInterface(fields=["mask", "probseg", "stats"]),
                          name="outputnode")
 
-    def node(interface, step_name, mem_gb=0.3, **kw):
-        return pe.Node(interface(reportlets_dir=rdir, **kw), name=step_name, mem_gb=mem_gb)
+    def node(interface, node_name, mem_gb=0.3, **kw):
+        return pe.Node(interface(reportlets_dir=rdir, **kw), name=node_name, mem_gb=mem_gb)
 
     load = node(LoadInputs, "load")
     diffusion = node(ComputeTraceADC, "diffusion", mem_gb=1.0)
@@ -110,12 +117,14 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
 
     merge_prob = pe.Node(niu.Merge(len(members)), name="merge_prob", run_without_submitting=True)
     merge_mask = pe.Node(niu.Merge(len(members)), name="merge_mask", run_without_submitting=True)
-    use_gpu = config.device == "cuda" or (config.device == "auto" and _cuda_available())
+    use_gpu = wants_gpu(config.device)
     for index, member in enumerate(members, start=1):
         seg = node(SegmentLesions, f"segment_{member}", mem_gb=2.0, member=member,
                    device=config.device, tta=config.tta, threshold=config.threshold,
-                   min_lesion_ml=config.min_lesion_ml, num_threads=config.omp_nthreads,
-                   seed=config.random_seed, use_gpu=use_gpu)
+                   num_threads=config.omp_nthreads, seed=config.random_seed, use_gpu=use_gpu,
+                   step_name="segment" if len(members) == 1 else f"segment_{member}")
+        if config.min_lesion_ml is not None:
+            seg.inputs.min_lesion_ml = config.min_lesion_ml
         if config.weights_dir:
             seg.inputs.weights_dir = str(config.weights_dir)
         # fmt: off
@@ -147,7 +156,7 @@ def _connect_outputs(wf, session, config, members, provenance, brain, ensemble, 
     mask_meta = {
         "Type": "Lesion", "Description": "Acute ischemic stroke lesion (DWI/ADC), binary",
         "Sources": sources, "SpatialReference": spatial, "Threshold": config.threshold,
-        "MinimumLesionSizeMl": config.min_lesion_ml, "Models": provenance,
+        "Models": provenance,
         "EnsembleRule": "single member" if len(members) == 1 else "majority vote",
     }
     prob_meta = {**mask_meta, "Type": "Lesion", "Description": "Lesion probability (ensemble mean)"}
@@ -191,12 +200,3 @@ def _bids_uri(config: RunConfig, path) -> str:
         return f"bids:raw:{rel.as_posix()}"
     except ValueError:
         return str(path)
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover
-        return False

@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bids_app.citations import cite
 from bids_app.errors import DeepIslesError, UsageError, WeightsError
 from models.weights import missing_files
 
 log = logging.getLogger("deepisles.models")
 
-DEEPISLES_CITATION = (
-    "de la Rosa E, et al. DeepISLES: a clinically validated ischemic stroke segmentation model from the "
-    "ISLES'22 challenge. Nat Commun 16, 7357 (2025). doi:10.1038/s41467-025-62373-x"
-)
+DEEPISLES_CITATION = cite("DeepISLES")
 INPUT_NAMES = ("dwi_norm", "adc_norm", "trace", "adc", "flair")
 
 

@@ -8,21 +8,7 @@ from pathlib import Path
 
 import jinja2
 
-CITATIONS = [
-    ("DeepISLES", "de la Rosa E, et al. DeepISLES: a clinically validated ischemic stroke segmentation "
-     "model from the ISLES'22 challenge. Nature Communications (2025).", "10.1038/s41467-025-62373-x"),
-    ("ISLES'22", "Hernandez Petzsche MR, et al. ISLES 2022: A multi-center magnetic resonance imaging stroke "
-     "lesion segmentation dataset. Scientific Data 9, 762 (2022).", "10.1038/s41597-022-01875-5"),
-    ("Nipype", "Gorgolewski K, et al. Nipype: a flexible, lightweight and extensible neuroimaging data "
-     "processing framework in Python. Frontiers in Neuroinformatics 5:13 (2011).", "10.3389/fninf.2011.00013"),
-    ("PyBIDS", "Yarkoni T, et al. PyBIDS: Python tools for BIDS datasets. Journal of Open Source Software "
-     "4(40), 1294 (2019).", "10.21105/joss.01294"),
-    ("MONAI", "Cardoso MJ, et al. MONAI: An open-source framework for deep learning in healthcare. "
-     "arXiv:2211.02701 (2022).", None),
-    ("NiBabel", "Brett M, et al. NiBabel: access a cacophony of neuro-imaging file formats. Zenodo.", None),
-    ("PyTorch", "Paszke A, et al. PyTorch: An imperative style, high-performance deep learning library. "
-     "NeurIPS 32 (2019).", None),
-]
+from bids_app.citations import CITATIONS  # noqa: F401  (re-exported for the templates)
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure|Warning))(:.*)?$")
 
