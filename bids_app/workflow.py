@@ -130,7 +130,8 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
         # fmt: off
         wf.connect([
             (normalize, seg, [("dwi_norm_file", "dwi_norm_file"), ("adc_norm_file", "adc_norm_file")]),
-            (brain, seg, [("trace_file", "trace_file"), ("adc_file", "adc_file")]),
+            (brain, seg, [("trace_file", "trace_file"), ("adc_file", "adc_file"),
+                          ("mask_file", "brain_mask_file")]),
             (load, seg, [("flair_file", "flair_file")]),
             (seg, merge_prob, [("prob_file", f"in{index}")]),
             (seg, merge_mask, [("mask_file", f"in{index}")]),

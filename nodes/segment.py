@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, isdefined, traits
 from scipy import ndimage
@@ -118,6 +119,7 @@ class _SegmentInputSpec(DecisionInputSpec):
     trace_file = File(exists=True, desc="un-normalised trace DWI, DWI grid")
     adc_file = File(exists=True, desc="un-normalised ADC in 1e-3 mm2/s, DWI grid")
     flair_file = File(exists=True, desc="FLAIR on the DWI grid (members that need it)")
+    brain_mask_file = File(exists=True, desc="brain mask (DWI grid): no lesion outside it")
     weights_dir = traits.Str(desc="folder of the official weights (SEALS/, NVAUTO/, FACTORIZER/)")
     weights_file = File(exists=True, desc="alternative weights file for the built-in model")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="auto = cuda if available")
@@ -195,6 +197,9 @@ class SegmentLesions(DecisionInterface):
         t_pred = time.perf_counter() - t1
 
         prob = self._check_prob(prob, ref.shape)
+        if isdefined(self.inputs.brain_mask_file):
+            brain = np.asarray(nib.load(self.inputs.brain_mask_file).dataobj) > 0
+            prob = np.where(brain, prob, np.float32(0.0)).astype(np.float32)
         zooms = ref.header.get_zooms()[:3]
         voxel_ml = float(np.prod(zooms)) / 1000.0
         min_ml = self.inputs.min_lesion_ml
