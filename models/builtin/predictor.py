@@ -1,0 +1,219 @@
+"""Inference of the built-in lesion segmentation model.
+
+``BuiltinPredictor().predict(dwi_n_img, adc_n_img)`` takes the two normalised channels (nibabel images
+on one grid, as produced by ``transforms.normalize_channels``) and returns a float32 lesion probability
+array on that same grid:
+
+1. to the model grid, RAS 2 mm: if the voxels are already ~2 mm (within 10 %) only the axes are
+   permuted/flipped to the closest RAS orientation (exact, no interpolation; oblique grids are fine:
+   training used random rotations of +-15 deg); otherwise the image is resampled (trilinear,
+   ``nibabel.processing.resample_from_to``) onto an axis-aligned RAS 2 mm grid covering it;
+2. MONAI ``SlidingWindowInferer`` (roi = the training patch from the sidecar, else 96x112x96;
+   overlap 0.25, gaussian blending), optional left-right
+   flip TTA (mean of the sigmoid probabilities), sigmoid;
+3. back to the input grid (exact inverse of the axis permutation, or trilinear resampling).
+
+The weights are verified against the SHA-256 in their JSON sidecar *before* ``torch.load(...,
+weights_only=True)``. Same input -> bit-identical output (deterministic algorithms, fixed threads order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .network import DEFAULT_HPARAMS, build_network
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WEIGHTS = HERE / "weights" / "builtin_v1.pt"
+ROI = (96, 112, 96)
+
+
+class WeightsIntegrityError(RuntimeError):
+    """The weights file does not match the SHA-256 recorded in its sidecar."""
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def normalize_images(dwi_img, adc_img, brain):
+    """Apply ``normalize_channels`` to nibabel images (trace, ADC in 1e-3 mm2/s) -> two nibabel images."""
+    import nibabel as nib
+
+    from .transforms import normalize_channels
+
+    d, a = normalize_channels(np.asarray(dwi_img.dataobj), np.asarray(adc_img.dataobj), brain)
+    return nib.Nifti1Image(d, dwi_img.affine), nib.Nifti1Image(a, dwi_img.affine)
+
+
+class _Grid:
+    """Forward / inverse mapping between an input grid and the model grid (RAS, 2 mm)."""
+
+    def __init__(self, shape, affine, voxel_mm=2.0):
+        import nibabel.orientations as nio
+
+        self.shape = tuple(int(s) for s in shape[:3])
+        self.affine = np.asarray(affine, dtype=np.float64)
+        zooms = np.sqrt((self.affine[:3, :3] ** 2).sum(0))
+        self.voxel_mm = voxel_mm
+        self.exact = bool(np.all(np.abs(zooms - voxel_mm) <= 0.1 * voxel_mm))
+        if self.exact:
+            self.ornt = nio.io_orientation(self.affine)
+            self.ras = nio.axcodes2ornt(("R", "A", "S"))
+            self.fwd = nio.ornt_transform(self.ornt, self.ras)
+            self.inv = nio.ornt_transform(self.ras, self.ornt)
+        else:
+            corners = np.array([[i, j, k, 1] for i in (0, self.shape[0] - 1) for j in (0, self.shape[1] - 1)
+                                for k in (0, self.shape[2] - 1)], dtype=float)
+            mm = (self.affine @ corners.T).T[:, :3]
+            lo, hi = mm.min(0), mm.max(0)
+            self.out_shape = tuple(int(np.ceil((h - l) / voxel_mm)) + 1 for l, h in zip(lo, hi))
+            self.out_affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+            self.out_affine[:3, 3] = lo
+
+    def to_model(self, arr):
+        import nibabel as nib
+        import nibabel.orientations as nio
+
+        if self.exact:
+            return np.ascontiguousarray(nio.apply_orientation(arr, self.fwd), dtype=np.float32)
+        from nibabel.processing import resample_from_to
+
+        img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), self.affine)
+        out = resample_from_to(img, (self.out_shape, self.out_affine), order=1, mode="constant", cval=0.0)
+        return np.asarray(out.dataobj, dtype=np.float32)
+
+    def from_model(self, arr):
+        import nibabel as nib
+        import nibabel.orientations as nio
+
+        if self.exact:
+            return np.ascontiguousarray(nio.apply_orientation(arr, self.inv), dtype=np.float32)
+        from nibabel.processing import resample_from_to
+
+        img = nib.Nifti1Image(np.asarray(arr, dtype=np.float32), self.out_affine)
+        out = resample_from_to(img, (self.shape, self.affine), order=1, mode="constant", cval=0.0)
+        return np.asarray(out.dataobj, dtype=np.float32)
+
+
+class BuiltinPredictor:
+    def __init__(self, weights=None, device="cpu", tta=False, roi=None, overlap=0.25, _state=None, _hparams=None):
+        self.device = torch.device(device)
+        self.tta = bool(tta)
+        meta = {}
+        self.overlap = float(overlap)
+        if _state is not None:
+            self.weights = None
+            self.hparams = dict(DEFAULT_HPARAMS, **(_hparams or {}))
+            self._sha = None
+            state = _state
+        else:
+            self.weights = Path(weights) if weights else DEFAULT_WEIGHTS
+            side = self.weights.with_suffix(".json")
+            if not side.exists():
+                raise WeightsIntegrityError(f"{self.weights}: no sidecar {side.name} with the SHA-256")
+            meta = json.loads(side.read_text())  # noqa: F811
+            sha = _sha256(self.weights)
+            if sha != meta.get("sha256"):
+                raise WeightsIntegrityError(
+                    f"{self.weights}: SHA-256 {sha} does not match the sidecar ({meta.get('sha256')}); refusing to load")
+            self._sha = sha
+            self.hparams = dict(DEFAULT_HPARAMS, **meta.get("hparams", {}))
+            try:
+                state = torch.load(self.weights, map_location="cpu", weights_only=True)
+            except Exception as exc:  # pickled objects, truncated or foreign files: one clear line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise WeightsIntegrityError(
+                    f"{self.weights}: refused to load: not a plain weights file readable with "
+                    f"weights_only=True ({type(exc).__name__}: {first})") from None
+        # sliding-window size: the training patch (instance-norm statistics as in training) unless given
+        self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
+        self.net = build_network(self.hparams)
+        self.net.load_state_dict(state)
+        self.net.to(self.device).eval()
+        from monai.inferers import SlidingWindowInferer
+
+        self.inferer = SlidingWindowInferer(roi_size=self.roi, sw_batch_size=1, overlap=self.overlap,
+                                            mode="gaussian", padding_mode="constant", cval=0.0)
+
+    @classmethod
+    def from_state_dict(cls, state, hparams=None, **kw):
+        return cls(_state=state, _hparams=hparams, **kw)
+
+    @property
+    def weights_sha256(self):
+        return self._sha
+
+    @torch.no_grad()
+    def _prob_model_grid(self, x: np.ndarray) -> np.ndarray:
+        div = int(self.hparams.get("divisible_by", 8))
+        shape = x.shape[1:]
+        padded = [int(np.ceil(s / div) * div) for s in shape]
+        xp = np.zeros((2, *padded), dtype=np.float32)
+        xp[:, : shape[0], : shape[1], : shape[2]] = x
+        t = torch.from_numpy(xp)[None].to(self.device)
+        roi = tuple(min(r, p) for r, p in zip(self.roi, padded))
+        self.inferer.roi_size = roi
+        prob = torch.sigmoid(self.inferer(t, self.net))
+        if self.tta:  # left-right flip (axis 0 is R-L on the RAS model grid)
+            prob = 0.5 * (prob + torch.sigmoid(self.inferer(t.flip(2), self.net)).flip(2))
+        return prob[0, 0, : shape[0], : shape[1], : shape[2]].float().cpu().numpy()
+
+    def predict(self, dwi_n_img, adc_n_img) -> np.ndarray:
+        """Lesion probability (float32, in [0, 1]) on the grid of ``dwi_n_img``."""
+        dwi = np.asarray(dwi_n_img.dataobj, dtype=np.float32)
+        adc = np.asarray(adc_n_img.dataobj, dtype=np.float32)
+        dwi = dwi.reshape(dwi.shape[:3]) if dwi.ndim > 3 else dwi
+        adc = adc.reshape(adc.shape[:3]) if adc.ndim > 3 else adc
+        if dwi.shape != adc.shape:
+            raise ValueError(f"DWI {dwi.shape} and ADC {adc.shape} must share one grid")
+        grid = _Grid(dwi.shape, dwi_n_img.affine, float(self.hparams.get("voxel_mm", 2.0)))
+        x = np.stack([grid.to_model(dwi), grid.to_model(adc)])
+        with _deterministic():
+            p = self._prob_model_grid(x)
+        out = grid.from_model(p)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def postprocess(prob, threshold=0.5, min_size_voxels=None, min_size_ml=None, voxel_ml=None):
+    """Binary mask (uint8) of ``prob > threshold`` without connected components (26-connectivity)
+    smaller than ``min_size_voxels``, or than ``min_size_ml`` (needs ``voxel_ml``, the voxel volume
+    in ml). With neither size given, only the threshold is applied."""
+    from scipy import ndimage
+
+    mask = np.asarray(prob) > threshold
+    min_vox = 0
+    if min_size_voxels:
+        min_vox = int(min_size_voxels)
+    if min_size_ml:
+        if not voxel_ml:
+            raise ValueError("min_size_ml needs voxel_ml")
+        min_vox = max(min_vox, int(np.ceil(min_size_ml / voxel_ml)))
+    if min_vox > 1 and mask.any():
+        lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = np.bincount(lab.ravel())
+        keep = sizes >= min_vox
+        keep[0] = False
+        mask = keep[lab]
+    return mask.astype(np.uint8)

@@ -1,0 +1,381 @@
+"""Seeded, device-agnostic (CPU/CUDA) generator of synthetic [DWI, ADC] + lesion-mask training pairs.
+
+Everything is made with torch ops on the requested device (``grid_sample`` for the spatial warps,
+separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole brain):
+
+- anatomy: the MNI152 2009a GM/WM/CSF atlas (``atlas/mni152_tissue_1p5mm.npz``) under a random affine
+  (rotation, anisotropic scale, shear, translation) and a smooth elastic deformation;
+- contrasts: tissue-dependent trace DWI (b~1000; GM a bit brighter than WM, CSF dark) and ADC in
+  1e-3 mm2/s (WM ~0.7, GM ~0.85, CSF ~2.2-3.3), all randomised, with smooth texture;
+- lesions: expert ISLES'22 shapes (``shapes/``; flipped, axis-permuted, scaled), smooth irregular blobs
+  and clusters of tiny emboli, from one 2 mm voxel to territorial (> 50 ml), bright on DWI and dark on
+  ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
+- negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
+  ADC), susceptibility artefacts (bright rims at the brain edge, mostly inferior/frontal), plus the CSF;
+- degradation: partial-volume blur, thick slices (1-6 mm along a random axis, blur + down + upsampling),
+  Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, brain-mask edge variation;
+- then ``transforms.normalize_channels_torch`` (the torch twin of what inference applies).
+
+Labels: the soft lesion map undergoes the same blur / slice degradation, thresholded at 0.5.
+Same ``seed`` -> same tensors (on the same device type).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .transforms import normalize_channels_torch
+
+HERE = Path(__file__).resolve().parent
+ATLAS = HERE / "atlas" / "mni152_tissue_1p5mm.npz"
+SHAPES = HERE / "shapes"
+FOV = (88, 104, 88)  # 176 x 208 x 176 mm at 2 mm
+VOXEL_MM = 2.0
+
+
+def _gauss_kernel(sigma: float, device):
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / max(sigma, 1e-3)) ** 2)
+    return k / k.sum()
+
+
+def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
+    """Separable Gaussian blur of ``x`` (N, C, D, H, W) with per-axis sigma in voxels (0 = none)."""
+    n, c = x.shape[:2]
+    for ax, s in enumerate(sigmas):
+        if s <= 0.05:
+            continue
+        k = _gauss_kernel(float(s), x.device)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + ax] = k.numel()
+        w = k.view(shape).repeat(c, 1, 1, 1, 1)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = k.numel() // 2
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), w, groups=c)
+    return x
+
+
+def smooth_noise(gen, shape, ctrl, channels=1, device="cpu"):
+    """Smooth random field (1, C, *shape): Gaussian noise on a coarse ``ctrl`` grid, upsampled."""
+    z = torch.randn((1, channels) + tuple(ctrl), generator=gen, device=device)
+    return F.interpolate(z, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+class SynthGenerator:
+    def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES):
+        self.device = torch.device(device)
+        self.fov = tuple(fov)
+        d = np.load(atlas_path)
+        self.atlas = torch.from_numpy(d["tissue"].astype(np.float32) / 255.0)[None].to(self.device)
+        self.atlas_aff = np.asarray(d["affine"], dtype=np.float64)
+        ashape = np.array(self.atlas.shape[2:])
+        # brain centre of the atlas in mm
+        self.center_mm = (self.atlas_aff @ np.r_[(ashape - 1) / 2.0, 1.0])[:3]
+        self.templates = self._load_shapes(shapes_dir)
+        # output voxel centres in mm relative to the FOV centre, (D, H, W, 3)
+        axes = [(torch.arange(n, dtype=torch.float32) - (n - 1) / 2.0) * VOXEL_MM for n in self.fov]
+        self.grid_mm = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).to(self.device)
+        self.vox = torch.stack(
+            torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in self.fov], indexing="ij"), 0
+        ).to(self.device)
+
+    def _load_shapes(self, shapes_dir):
+        out = []
+        import nibabel as nib
+
+        from .metrics import label26
+
+        for f in sorted(Path(shapes_dir).glob("*.nii*")):
+            m = np.asarray(nib.load(str(f)).dataobj) > 0
+            if not m.any():
+                continue
+            pieces = [m]
+            lab, n = label26(m)
+            sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+            for i in np.argsort(sizes)[::-1][:4]:
+                if sizes[i] >= 8:
+                    pieces.append(lab == i + 1)
+            for p in pieces:
+                nz = np.argwhere(p)
+                lo, hi = nz.min(0), nz.max(0) + 1
+                crop = p[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
+                out.append(torch.from_numpy(np.pad(crop, 2)).to(self.device))
+        return out
+
+    # ------------------------------------------------------------------ anatomy
+    def _warp_grid(self, rng: random.Random, gen):
+        ang = [math.radians(rng.uniform(-15, 15)) for _ in range(3)]
+        cx, cy, cz = (math.cos(a) for a in ang)
+        sx, sy, sz = (math.sin(a) for a in ang)
+        rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        scale = np.diag([rng.uniform(1.02, 1.25) for _ in range(3)])  # atlas mm per output mm
+        shear = np.eye(3)
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            shear[i, j] = rng.uniform(-0.06, 0.06)
+        a = rx @ ry @ rz @ shear @ scale
+        if rng.random() < 0.5:  # left-right flip
+            a = a @ np.diag([-1.0, 1.0, 1.0])
+        t = self.center_mm + np.array([rng.uniform(-8, 8) for _ in range(3)])
+        a_t = torch.tensor(a, dtype=torch.float32, device=self.device)
+        p = self.grid_mm
+        amp = rng.uniform(0.0, 4.0)  # elastic displacement (mm)
+        if amp > 0:
+            disp = smooth_noise(gen, self.fov, (5, 6, 5), 3, self.device)[0].permute(1, 2, 3, 0) * amp
+            p = p + disp
+        q = p @ a_t.T + torch.tensor(t, dtype=torch.float32, device=self.device)
+        inv = torch.tensor(np.linalg.inv(self.atlas_aff), dtype=torch.float32, device=self.device)
+        ijk = q @ inv[:3, :3].T + inv[:3, 3]
+        shp = torch.tensor(self.atlas.shape[2:], dtype=torch.float32, device=self.device)
+        norm = ijk / (shp - 1) * 2 - 1
+        return norm.flip(-1)[None]  # grid_sample wants (x=W, y=H, z=D)
+
+    # ------------------------------------------------------------------ lesions
+    def _centre(self, rng, cand):
+        i = int(rng.random() * cand.shape[0])
+        return cand[min(i, cand.shape[0] - 1)].tolist()
+
+    def _box(self, c, half):
+        sl, lo = [], []
+        for ax in range(3):
+            a = max(0, int(c[ax] - half[ax]))
+            b = min(self.fov[ax], int(c[ax] + half[ax]) + 1)
+            sl.append(slice(a, b))
+            lo.append(a)
+        return tuple(sl)
+
+    def _ellipsoid(self, rng, gen, field, c, radii, sharp, irregular):
+        half = [r * 1.6 + 3 for r in radii]
+        sl = self._box(c, half)
+        v = self.vox[(slice(None),) + sl]
+        if v[0].numel() == 0:
+            return
+        ang = [rng.uniform(0, 2 * math.pi) for _ in range(3)]
+        rot = torch.tensor(
+            _rot(ang), dtype=torch.float32, device=self.device
+        )
+        d = (v - torch.tensor(c, dtype=torch.float32, device=self.device).view(3, 1, 1, 1))
+        d = torch.einsum("ij,jxyz->ixyz", rot, d)
+        d = d / torch.tensor(radii, dtype=torch.float32, device=self.device).view(3, 1, 1, 1)
+        r = torch.sqrt((d ** 2).sum(0))
+        val = 1 - r
+        if irregular > 0:
+            val = val + irregular * smooth_noise(gen, v.shape[1:], (4, 4, 4), 1, self.device)[0, 0]
+        val = torch.sigmoid(val / sharp)
+        field[sl] = torch.maximum(field[sl], val)
+
+    def _paste_shape(self, rng, field, c):
+        t = self.templates[int(rng.random() * len(self.templates)) % len(self.templates)]
+        perm = list(range(3))
+        rng.shuffle(perm)
+        t = t.permute(*perm)
+        flips = [ax for ax in range(3) if rng.random() < 0.5]
+        if flips:
+            t = t.flip(flips)
+        s = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+        size = [max(1, int(round(n * s * rng.uniform(0.85, 1.15)))) for n in t.shape]
+        t = F.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+        lo = [int(c[ax] - size[ax] // 2) for ax in range(3)]
+        src, dst = [], []
+        for ax in range(3):
+            a, b = max(0, lo[ax]), min(self.fov[ax], lo[ax] + size[ax])
+            if b <= a:
+                return
+            dst.append(slice(a, b))
+            src.append(slice(a - lo[ax], b - lo[ax]))
+        field[tuple(dst)] = torch.maximum(field[tuple(dst)], t[tuple(src)])
+
+    def _lesions(self, rng, gen, cand):
+        """Soft lesion map (D, H, W) in [0, 1]."""
+        field = torch.zeros(self.fov, device=self.device)
+        if rng.random() < 0.12 or cand.shape[0] == 0:
+            return field
+        n_events = rng.choice([1, 1, 1, 2, 2, 3])
+        for _ in range(n_events):
+            kind = rng.random()
+            c = self._centre(rng, cand)
+            if kind < 0.35 and self.templates:
+                self._paste_shape(rng, field, c)
+            elif kind < 0.7:
+                r0 = math.exp(rng.uniform(math.log(0.6), math.log(14.0)))
+                radii = [r0 * rng.uniform(0.6, 1.4) for _ in range(3)]
+                self._ellipsoid(rng, gen, field, c, radii, rng.uniform(0.03, 0.15),
+                                rng.uniform(0.0, 0.5) if r0 > 2 else 0.0)
+            else:  # cluster of emboli
+                spread = rng.uniform(4, 22)
+                for _ in range(rng.randint(3, 30)):
+                    cc = [c[ax] + rng.gauss(0, spread / 2) for ax in range(3)]
+                    r0 = math.exp(rng.uniform(math.log(0.5), math.log(3.0)))
+                    radii = [r0 * rng.uniform(0.7, 1.3) for _ in range(3)]
+                    self._ellipsoid(rng, gen, field, cc, radii, rng.uniform(0.03, 0.12), 0.0)
+        return field
+
+    def _negatives(self, rng, gen, cand, brain_soft, dwi, adc):
+        """Unlabelled look-alikes, applied in place."""
+        if cand.shape[0] and rng.random() < 0.35:  # T2 shine-through / chronic lesions
+            f = torch.zeros(self.fov, device=self.device)
+            for _ in range(rng.randint(1, 4)):
+                r0 = math.exp(rng.uniform(math.log(1.0), math.log(10.0)))
+                self._ellipsoid(rng, gen, f, self._centre(rng, cand),
+                                [r0 * rng.uniform(0.6, 1.4) for _ in range(3)], rng.uniform(0.05, 0.3), 0.3)
+            if rng.random() < 0.6:  # shine-through: bright DWI, normal / high ADC
+                dwi.mul_(1 + f * rng.uniform(0.3, 1.5))
+                adc.mul_(1 + f * rng.uniform(0.0, 0.7))
+            else:  # chronic: dark-ish DWI, high ADC
+                dwi.mul_(1 - f * rng.uniform(0.0, 0.5))
+                adc.mul_(1 + f * rng.uniform(0.6, 2.0))
+        if rng.random() < 0.5:  # regional DWI hyperintensity with NORMAL ADC (posterior fossa, brainstem,
+            # cortex at b=1000, coil inhomogeneity): bright trace alone is not a lesion
+            z = self.vox[2] / (self.fov[2] - 1)
+            y = self.vox[1] / (self.fov[1] - 1)
+            x = self.vox[0] / (self.fov[0] - 1)
+            if rng.random() < 0.6:
+                zc, yc, xc = rng.uniform(0.0, 0.35), rng.uniform(0.1, 0.5), rng.uniform(0.2, 0.8)
+            else:
+                zc, yc, xc = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9)
+            w = rng.uniform(0.06, 0.2)
+            reg = torch.exp(-((z - zc) ** 2 + (y - yc) ** 2 + (x - xc) ** 2) / (2 * w ** 2))
+            dwi.mul_(1 + reg * rng.uniform(0.2, 0.9))
+            adc.mul_(1 + reg * rng.uniform(-0.1, 0.2))
+        if cand.shape[0] and rng.random() < 0.4:  # bright-DWI blobs with normal ADC
+            f = torch.zeros(self.fov, device=self.device)
+            for _ in range(rng.randint(1, 6)):
+                r0 = math.exp(rng.uniform(math.log(0.6), math.log(8.0)))
+                self._ellipsoid(rng, gen, f, self._centre(rng, cand),
+                                [r0 * rng.uniform(0.6, 1.4) for _ in range(3)], rng.uniform(0.03, 0.2), 0.2)
+            dwi.mul_(1 + f * rng.uniform(0.3, 1.5))
+            adc.mul_(1 + f * rng.uniform(-0.1, 0.3))
+        if rng.random() < 0.4:  # susceptibility artefact: bright rim at the brain edge
+            inner = F.avg_pool3d(brain_soft[None, None], 5, 1, 2)[0, 0]
+            rim = torch.clamp(brain_soft - inner, 0, 1) * 3
+            rim = torch.clamp(rim, 0, 1)
+            # localise: inferior and/or frontal region
+            z = self.vox[2] / (self.fov[2] - 1)
+            y = self.vox[1] / (self.fov[1] - 1)
+            zc, yc = rng.uniform(0.05, 0.5), rng.uniform(0.4, 1.0)
+            loc = torch.exp(-((z - zc) ** 2 + (y - yc) ** 2) / (2 * rng.uniform(0.08, 0.2) ** 2))
+            rim = blur((rim * loc)[None, None], [rng.uniform(0.3, 1.2)] * 3)[0, 0]
+            dwi.mul_(1 + rim * rng.uniform(1.0, 4.0))
+            adc.mul_(1 + rim * rng.uniform(-0.3, 0.5))
+
+    # ------------------------------------------------------------------ one volume
+    @torch.no_grad()
+    def sample_one(self, seed: int):
+        rng = random.Random(int(seed))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) & 0x7FFFFFFFFFFF)
+        dev = self.device
+        grid = self._warp_grid(rng, gen)
+        pv = F.grid_sample(self.atlas, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        gm, wm, csf = pv[0], pv[1], pv[2]
+        atro = rng.uniform(0.0, 1.0)  # atrophy: widen sulci and ventricles by up to ~1 voxel
+        if atro > 0.1:
+            csf2 = torch.maximum(csf, atro * F.max_pool3d(csf[None, None], 3, 1, 1)[0, 0])
+            k = torch.clamp(1 - csf2, 0, 1) / torch.clamp(gm + wm, min=1e-4)
+            k = torch.clamp(k, max=1.0)
+            gm, wm, csf = gm * k, wm * k, csf2
+        brain_soft = torch.clamp(gm + wm + csf, 0, 1)
+        paren = gm + wm
+        cand = torch.nonzero(paren > 0.6)
+
+        # tissue contrasts
+        d_wm, d_gm, d_csf = 1.0, rng.uniform(1.05, 1.7), rng.uniform(0.1, 0.45)
+        a_wm = rng.uniform(0.6, 0.8)
+        a_gm, a_csf = a_wm + rng.uniform(0.0, 0.22), rng.uniform(2.2, 3.3)
+        paren = gm + wm
+        tex = smooth_noise(gen, self.fov, (12, 14, 12), 2, dev)[0]
+        dwi_t = (gm * d_gm + wm * d_wm) * torch.exp(tex[0] * rng.uniform(0.0, 0.15))
+        adc_t = (gm * a_gm + wm * a_wm) * torch.exp(tex[1] * rng.uniform(0.0, 0.06))
+
+        # lesions (in parenchyma only; CSF keeps its signal)
+        les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)
+        if float(les.max()) > 0:
+            het = 1 + smooth_noise(gen, self.fov, (10, 12, 10), 2, dev)[0] * rng.uniform(0.0, 0.25)
+            fd = rng.uniform(1.3, 3.5)
+            a_les = rng.uniform(0.28, 0.6)  # absolute lesion ADC (1e-3 mm2/s)
+            dwi_t = dwi_t * (1 + les * (fd - 1) * torch.clamp(het[0], 0.3, 2))
+            a_map = torch.clamp(a_les * torch.clamp(het[1], 0.6, 1.4), max=0.9)
+            adc_t = adc_t * (1 - les) + paren * a_map * les
+        dwi = dwi_t + csf * d_csf
+        adc = adc_t + csf * a_csf
+        self._negatives(rng, gen, cand, brain_soft, dwi, adc)
+
+        # degradation: partial volume blur + thick slices, same for lesion map and brain support
+        stack = torch.stack([dwi, adc, les, brain_soft])[None]
+        s_pv = rng.uniform(0.0, 0.5)
+        stack = blur(stack, [s_pv] * 3)
+        if rng.random() < 0.3:
+            ax = rng.randrange(3)
+            k = rng.uniform(1.5, 3.0)  # 3-6 mm slices
+            sig = [0.0, 0.0, 0.0]
+            sig[ax] = 0.42 * k
+            stack = blur(stack, sig)
+            small = list(self.fov)
+            small[ax] = max(2, int(round(self.fov[ax] / k)))
+            stack = F.interpolate(stack, size=small, mode="trilinear", align_corners=True)
+            stack = F.interpolate(stack, size=self.fov, mode="trilinear", align_corners=True)
+        dwi, adc, les, bsoft = stack[0]
+        label = (les > 0.5).float()
+
+        # brain mask with edge variation
+        edge = smooth_noise(gen, self.fov, (6, 7, 6), 1, dev)[0, 0] * rng.uniform(0.0, 0.15)
+        brain = (bsoft + edge) > rng.uniform(0.3, 0.6)
+
+        # noise, bias, scale
+        sd = rng.uniform(0.01, 0.12)
+        n = torch.randn((2,) + self.fov, generator=gen, device=dev) * sd
+        dwi = torch.sqrt((dwi + n[0]) ** 2 + n[1] ** 2)
+        adc = torch.clamp(adc + torch.randn(self.fov, generator=gen, device=dev) * rng.uniform(0.01, 0.08), min=0)
+        bias = smooth_noise(gen, self.fov, (3, 3, 3), 1, dev)[0, 0] * rng.uniform(0.0, 0.3)
+        dwi = dwi * torch.exp(bias) * (10 ** rng.uniform(0, 3))
+
+        dwi_n, adc_n = normalize_channels_torch(dwi, adc, brain)
+        label = label * brain.float()
+        return torch.stack([dwi_n, adc_n]), label[None]
+
+    def batch(self, seed: int, n: int):
+        """Batch of ``n`` volumes: x (n, 2, *FOV), y (n, 1, *FOV). Volume i uses seed ``seed * 1000 + i``."""
+        xs, ys = zip(*(self.sample_one(seed * 1000 + i) for i in range(n)))
+        return torch.stack(xs), torch.stack(ys)
+
+
+def _rot(ang):
+    cx, cy, cz = (math.cos(a) for a in ang)
+    sx, sy, sz = (math.sin(a) for a in ang)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def random_crop(x, y, patch, seed: int, p_lesion=0.7):
+    """Crop ``patch`` (3 ints) from each volume of (x, y); centred on a lesion voxel with ``p_lesion``."""
+    rng = random.Random(int(seed))
+    fov = x.shape[2:]
+    if tuple(patch) == tuple(fov):
+        return x, y
+    xs, ys = [], []
+    for i in range(x.shape[0]):
+        pool = torch.nonzero(y[i, 0] > 0) if rng.random() < p_lesion else torch.empty(0)
+        if pool.numel() == 0:
+            pool = torch.nonzero(x[i, 1] > 0)
+        if pool.numel():
+            c = pool[int(rng.random() * pool.shape[0]) % pool.shape[0]].tolist()
+        else:
+            c = [n // 2 for n in fov]
+        sl = []
+        for ax in range(3):
+            c_ax = c[ax] + rng.randint(-patch[ax] // 4, patch[ax] // 4)
+            lo = min(max(0, c_ax - patch[ax] // 2), fov[ax] - patch[ax])
+            sl.append(slice(lo, lo + patch[ax]))
+        xs.append(x[(i, slice(None)) + tuple(sl)])
+        ys.append(y[(i, slice(None)) + tuple(sl)])
+    return torch.stack(xs), torch.stack(ys)

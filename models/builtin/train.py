@@ -1,0 +1,276 @@
+"""Train the built-in lesion segmentation model on synthetic data only.
+
+    python -m models.builtin.train --out DIR --steps N --batch B --device auto|cpu|cuda --seed 0 [--resume]
+        [--patch D H W] [--time-budget-min M] [--eval-real PATH_TO_BIDS_SAMPLE]
+
+Deterministic: batch ``s`` depends only on ``(seed, s)``; ``DIR/checkpoint.pt`` (model, optimiser,
+scheduler, step, RNG states, best validation) is written every ``--ckpt-every`` steps and on exit,
+and ``--resume`` continues from it. Validation uses held-out SYNTHETIC volumes (seeds disjoint from
+training). At the end ``DIR/builtin_v1.pt`` (state_dict only, best synthetic-validation weights) and
+``DIR/builtin_v1.json`` (hyper-parameters, command, seed, steps, SHA-256) are written.
+``--eval-real`` reports metrics on a real case for information only (never used for selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .network import DEFAULT_HPARAMS, build_network, count_parameters
+from .synth import SynthGenerator, random_crop
+
+VAL_SEED0 = 900_000_000  # validation volumes: seeds far from any training seed
+
+
+def _log(msg):
+    print(f"[builtin-train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step)) % (2 ** 40)
+
+
+def dice_loss_fn():
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-4, smooth_dr=1e-4, lambda_dice=1.0, lambda_ce=1.0)
+
+
+@torch.no_grad()
+def validate(net, gen, n, device, amp):
+    net.eval()
+    inter = tot = 0.0
+    for i in range(n):
+        x, y = gen.sample_one(VAL_SEED0 + i)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            p = net(x[None].to(device)).float()
+        pr = (p > 0).float()
+        inter += float((pr * y[None]).sum())
+        tot += float(pr.sum() + y.sum())
+    net.train()
+    return 2 * inter / tot if tot else 1.0
+
+
+def eval_real(state_dict, hparams, bids_path, device="cpu", roi=None):
+    """Dice / lesion-wise F1 of ``state_dict`` on the first case of a BIDS folder (information only)."""
+    import nibabel as nib
+
+    from .metrics import lesion_metrics
+    from .predictor import BuiltinPredictor, normalize_images
+
+    root = Path(bids_path)
+    dwi_f = sorted(root.glob("sub-*/**/dwi/*_dwi.nii*"))[0]
+    adc_f = sorted(root.glob("sub-*/**/dwi/*_adc.nii*"))[0]
+    msk_f = sorted(root.glob("derivatives/**/*_msk.nii*"))[0]
+    dwi, adc = nib.load(str(dwi_f)), nib.load(str(adc_f))
+    brain = np.asarray(dwi.dataobj) > 0
+    dn, an = normalize_images(dwi, adc, brain)
+    pred = BuiltinPredictor.from_state_dict(state_dict, hparams, device=device, roi=roi)
+    prob = pred.predict(dn, an)
+    gt = np.asarray(nib.load(str(msk_f)).dataobj) > 0
+    vox_ml = float(np.prod(dwi.header.get_zooms()[:3])) / 1000.0
+    return lesion_metrics(prob > 0.5, gt, vox_ml)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--patch", type=int, nargs=3, default=None,
+                    help="training crop (multiples of 8); default 64^3 on CPU, the whole 88x104x88 FOV on CUDA")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--val-n", type=int, default=8)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--time-budget-min", type=float, default=None)
+    ap.add_argument("--schedule-by-time", action="store_true",
+                    help="with --time-budget-min: after 30 steps, shorten --steps to what fits in the budget "
+                         "(so the cosine schedule completes); batches stay a function of (seed, step)")
+    ap.add_argument("--init", default=None, help="start from these weights (state_dict .pt; fine-tuning)")
+    ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--eval-real", default=None)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = device.type == "cuda" and not args.no_amp
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    patch = tuple(args.patch) if args.patch else ((64, 64, 64) if device.type == "cpu" else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+
+    random.seed(args.seed)
+    np.random.seed(args.seed % (2 ** 32))
+    torch.manual_seed(args.seed)
+    hp = copy.deepcopy(DEFAULT_HPARAMS)
+    net = build_network(hp).to(device)
+    gen = SynthGenerator(device)
+    patch = patch or gen.fov
+    if args.init:
+        net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
+        _log(f"initialised from {args.init}")
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warm = max(1, min(100, args.steps // 20))
+
+    def lr_lambda(s):
+        if s < warm:
+            return (s + 1) / warm
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, args.steps - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    loss_fn = dice_loss_fn()
+    step = 0
+    best = {"val_dice": -1.0, "step": 0, "state": None}
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step = int(ck["step"])
+        best = ck["best"]
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        _log(f"resumed from {ckpt_path} at step {step}")
+
+    def save_ckpt():
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": step, "best": best, "hparams": hp, "args": vars(args),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+        }, tmp)
+        os.replace(tmp, ckpt_path)
+
+    _log(f"device {device} amp={amp} params {count_parameters(net)} patch {patch} batch {args.batch} "
+         f"steps {args.steps} start {step}")
+    net.train()
+    t_loop = time.time()
+    s_loop = step
+    run_loss = None
+    stopped_early = False
+    while step < args.steps:
+        if args.time_budget_min is not None and (time.time() - t0) / 60.0 >= args.time_budget_min:
+            _log(f"time budget of {args.time_budget_min} min reached at step {step}")
+            stopped_early = True
+            break
+        if args.schedule_by_time and args.time_budget_min and step - s_loop == 20:
+            t_est = time.time()  # skip the first 20 steps (cudnn autotuning, allocator warm-up)
+        if args.schedule_by_time and args.time_budget_min and step - s_loop == 80:
+            rate = 60 / max(time.time() - t_est, 1e-6)
+            n_val = (args.steps - step) // args.val_every if args.val_every else 0
+            left_s = args.time_budget_min * 60 - (time.time() - t0) - 15 - n_val * args.val_n * 0.3
+            fit = step + int(rate * left_s * 0.97)
+            if fit < args.steps:
+                _log(f"schedule-by-time: {rate:.2f} steps/s -> steps {args.steps} -> {fit}")
+                args.steps = max(step + 1, fit)
+        ss = step_seed(args.seed, step)
+        x, y = gen.batch(ss, args.batch)
+        x, y = random_crop(x, y, patch, ss)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
+        opt.step()
+        sched.step()
+        step += 1
+        lv = float(loss.detach())
+        run_loss = lv if run_loss is None else 0.9 * run_loss + 0.1 * lv
+        if step % args.log_every == 0 or step == args.steps:
+            el = time.time() - t_loop
+            _log(f"step {step}/{args.steps} loss {run_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                 f"{(step - s_loop) / max(el, 1e-9):.3f} steps/s elapsed {(time.time() - t0) / 60:.1f} min")
+        if args.val_every and step % args.val_every == 0:
+            vd = validate(net, gen, args.val_n, device, amp)
+            if vd > best["val_dice"]:
+                best = {"val_dice": vd, "step": step,
+                        "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+            _log(f"step {step} synthetic validation Dice {vd:.4f} (best {best['val_dice']:.4f} @ {best['step']})")
+        if step % args.ckpt_every == 0:
+            save_ckpt()
+    save_ckpt()
+
+    # final validation, choose the weights (best synthetic validation Dice; real data never used)
+    if args.val_every and step > 0:
+        vd = validate(net, gen, args.val_n, device, amp)
+        _log(f"final synthetic validation Dice {vd:.4f}")
+        if vd >= best["val_dice"]:
+            best = {"val_dice": vd, "step": step,
+                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+    state = best["state"] if best["state"] is not None else {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state = {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
+    wpath = out / "builtin_v1.pt"
+    torch.save(state, wpath)
+    sha = sha256_file(wpath)
+    meta = {
+        "name": "builtin_v1",
+        "hparams": hp,
+        "n_parameters": count_parameters(net),
+        "command": "python -m models.builtin.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "seed": args.seed,
+        "init": args.init,
+        "steps_done": step,
+        "steps_planned": args.steps,
+        "stopped_by_time_budget": stopped_early,
+        "selected_step": best["step"],
+        "synthetic_val_dice": best["val_dice"],
+        "batch": args.batch,
+        "patch": list(patch),
+        "lr": args.lr,
+        "device": str(device),
+        "torch": torch.__version__,
+        "train_minutes": round((time.time() - t0) / 60, 2),
+        "input": "[dwi_n, adc_n] from models.builtin.transforms.normalize_channels, RAS 2 mm grid",
+        "output": "1 logit channel, sigmoid = lesion probability",
+        "sha256": sha,
+    }
+    if args.eval_real:
+        m = eval_real(state, hp, args.eval_real, roi=patch)
+        meta["real_case_info_only"] = m
+        _log(f"real case (information only): {json.dumps(m)}")
+    (out / "builtin_v1.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _log(f"wrote {wpath} ({wpath.stat().st_size / 1e6:.2f} MB, sha256 {sha[:16]}...) in {(time.time() - t0) / 60:.1f} min")
+    return meta
+
+
+if __name__ == "__main__":
+    main()
