@@ -15,7 +15,6 @@ from pathlib import Path
 
 from bids_app import APP_NAME, __version__
 from bids_app.config import RunConfig, default_nprocs, parse_memory_gb
-from bids_app.derivatives import ensure_writable_dir
 from bids_app.errors import DeepIslesError, InputError, UsageError
 
 LOGGER = logging.getLogger("deepisles")
@@ -66,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "member whose weights are in --weights-dir, else builtin)")
     m.add_argument("--weights-dir", type=Path, default=None,
                    help="the unpacked official DeepISLES 'weights/' folder")
+    m.add_argument("--weights-manifest", type=Path, default=None,
+                   help="checksum manifest of the weights (sha256sum lines or JSON); any mismatch "
+                        "stops the run before a model is loaded")
     m.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     m.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
     m.add_argument("--min-lesion-ml", type=float, default=None,
@@ -129,6 +131,7 @@ def parse_config(argv) -> RunConfig:
         skip_bids_validation=args.skip_bids_validation, nprocs=nprocs, omp_nthreads=omp,
         mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
+        weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
@@ -147,7 +150,15 @@ def _setup_logging(verbose: int) -> None:
 def _prepare_environment(config: RunConfig) -> None:
     """Caches outside HOME (read-only or foreign HOME on clusters), nothing from the network."""
     cache = config.work_dir / ".cache"
+    home = os.environ.get("HOME")
+    if home and os.path.isdir(home) and not os.access(home, os.R_OK | os.X_OK):
+        # a HOME this user cannot even read (HOME=/root for a non-root container user): pybids looks
+        # for ~/pybids_config.json at import and crashes on EACCES; use a folder of the work dir
+        os.environ["HOME"] = str(cache / "home")
     os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    # templateflow reads TEMPLATEFLOW_HOME once, at import (default ~/.cache/templateflow): set it
+    # before anything imports it (nothing has at this point: only argparse and the config ran)
+    os.environ.setdefault("TEMPLATEFLOW_HOME", str(cache / "templateflow"))
     os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 
@@ -166,6 +177,8 @@ def main(argv=None) -> int:
 
             run_group(config.output_dir)
             return 0
+        from bids_app.derivatives import ensure_writable_dir  # imports pybids: after the HOME check
+
         ensure_writable_dir(config.output_dir)
         ensure_writable_dir(config.work_dir, "work directory")
         from bids_app.execution import run_participant

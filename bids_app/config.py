@@ -44,6 +44,7 @@ class RunConfig:
     device: str = "auto"
     models: list[str] | None = None
     weights_dir: Path | None = None
+    weights_manifest: Path | None = None
     tta: bool = False
     threshold: float = 0.5
     min_lesion_ml: float | None = None  # None: the model's recommendation

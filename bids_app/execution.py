@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 from pathlib import Path
 
@@ -29,13 +28,14 @@ def _write_error_file(config: RunConfig, session, step: str, message: str) -> Pa
 
 def _crash_errors(config: RunConfig, subjects) -> dict[str, list[str]]:
     """Last exception line of every crash file of this run, by subject."""
+    from bids_app.report.common import parse_crash_file
+
     errors = {}
     for subject in subjects:
-        lines = []
-        for crash in sorted(crash_dir(config, subject).glob("crash-*.txt")):
-            text = crash.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-            exc = [ln for ln in text if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)]
-            lines.append(exc[-1] if exc else (text[-1] if text else crash.name))
+        # the error the node raised, not nipype's wrapping NodeExecutionError (the same line the
+        # report shows): it decides the exit code
+        lines = [parse_crash_file(crash)["error"]
+                 for crash in sorted(crash_dir(config, subject).glob("crash-*.txt"))]
         if lines:
             errors[subject] = lines
     return errors
@@ -85,6 +85,19 @@ def models_provenance(members, weights_dir) -> list[dict]:
     return [registry.provenance(name, weights_dir) for name in members]
 
 
+def verify_weights_manifest(config: RunConfig, members) -> None:
+    """Check every weight file of the selected members against the user's manifest (66 on mismatch)."""
+    from models import registry
+    from models.weights import load_checksum_manifest, verify_manifest
+
+    manifest = load_checksum_manifest(config.weights_manifest)
+    files = [f for m in members for f in registry.get(m).required_files]
+    if files:
+        root = config.weights_dir or registry.default_weights_dir()
+        verify_manifest(root, manifest, only=files)
+        LOGGER.info("%d weight files match %s", len(files), config.weights_manifest)
+
+
 def run_participant(config: RunConfig) -> int:
     """Run the participant level; return the BIDS exit code."""
     from bids_app.discovery import discover
@@ -99,6 +112,8 @@ def run_participant(config: RunConfig) -> int:
 
     resolve_device(config.device)  # --device cuda without a GPU fails now, not inside every session
     members = registry.resolve_members(config.models, config.weights_dir)
+    if config.weights_manifest:
+        verify_weights_manifest(config, members)
     provenance = models_provenance(members, config.weights_dir)
     run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,
                 "models": provenance}

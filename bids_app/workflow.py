@@ -9,6 +9,7 @@ from nipype.pipeline import engine as pe
 
 from bids_app.config import RunConfig
 from bids_app.discovery import SessionInputs
+from bids_app.segmentation_wf import init_segmentation_wf
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 
 LESION_THRESHOLD_DOC = "probability >= {thr} after the ensemble rule, components < {ml} ml removed"
@@ -54,11 +55,9 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     from nodes.biomarkers import LesionStats
     from nodes.conform import ConformADC
     from nodes.diffusion import ComputeTraceADC
-    from nodes.ensemble import EnsembleMembers
     from nodes.figures import LesionFigures
     from nodes.load import LoadInputs
     from nodes.normalize import NormalizeIntensity
-    from nodes.segment import SegmentLesions, wants_gpu
     from nodes.skullstrip import BrainExtraction
 
     from models.registry import members_for_session
@@ -93,7 +92,6 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     normalize = node(NormalizeIntensity, "normalize")
     stats = node(LesionStats, "biomarkers")
     figures = node(LesionFigures, "figures", out_prefix=name)
-    ensemble = node(EnsembleMembers, "ensemble", members=members)
 
     # fmt: off
     wf.connect([
@@ -108,39 +106,25 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
         (conform, brain, [("adc_file", "adc_file")]),
         (brain, normalize, [("trace_file", "trace_file"), ("adc_file", "adc_file"),
                             ("mask_file", "mask_file")]),
-        (ensemble, stats, [("mask_file", "mask_file"), ("prob_file", "prob_file")]),
         (brain, stats, [("adc_file", "adc_file")]),
         (brain, figures, [("trace_file", "trace_file"), ("adc_file", "adc_file")]),
-        (ensemble, figures, [("mask_file", "mask_file")]),
     ])
     # fmt: on
 
-    merge_prob = pe.Node(niu.Merge(len(members)), name="merge_prob", run_without_submitting=True)
-    merge_mask = pe.Node(niu.Merge(len(members)), name="merge_mask", run_without_submitting=True)
-    use_gpu = wants_gpu(config.device)
-    for index, member in enumerate(members, start=1):
-        seg = node(SegmentLesions, f"segment_{member}", mem_gb=2.0, member=member,
-                   device=config.device, tta=config.tta, threshold=config.threshold,
-                   num_threads=config.omp_nthreads, seed=config.random_seed, use_gpu=use_gpu,
-                   step_name="segment" if len(members) == 1 else f"segment_{member}")
-        if config.min_lesion_ml is not None:
-            seg.inputs.min_lesion_ml = config.min_lesion_ml
-        if config.weights_dir:
-            seg.inputs.weights_dir = str(config.weights_dir)
-        # fmt: off
-        wf.connect([
-            (normalize, seg, [("dwi_norm_file", "dwi_norm_file"), ("adc_norm_file", "adc_norm_file")]),
-            (brain, seg, [("trace_file", "trace_file"), ("adc_file", "adc_file"),
-                          ("mask_file", "brain_mask_file")]),
-            (load, seg, [("flair_file", "flair_file")]),
-            (seg, merge_prob, [("prob_file", f"in{index}")]),
-            (seg, merge_mask, [("mask_file", f"in{index}")]),
-        ])
-        # fmt: on
-    wf.connect([(merge_prob, ensemble, [("out", "prob_files")]),
-                (merge_mask, ensemble, [("out", "mask_files")])])
+    seg_wf = init_segmentation_wf(members, config, rdir)
+    # fmt: off
+    wf.connect([
+        (normalize, seg_wf, [("dwi_norm_file", "inputnode.dwi_norm"),
+                             ("adc_norm_file", "inputnode.adc_norm")]),
+        (brain, seg_wf, [("trace_file", "inputnode.trace"), ("adc_file", "inputnode.adc"),
+                         ("mask_file", "inputnode.brain_mask")]),
+        (load, seg_wf, [("flair_file", "inputnode.flair")]),
+        (seg_wf, stats, [("outputnode.mask", "mask_file"), ("outputnode.prob", "prob_file")]),
+        (seg_wf, figures, [("outputnode.mask", "mask_file")]),
+    ])
+    # fmt: on
 
-    _connect_outputs(wf, session, config, members, provenance, brain, ensemble, stats, figures,
+    _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, stats, figures,
                      outputnode)
     for wf_node in wf._get_all_nodes():
         wf_node.config = {"execution": {"crashdump_dir": str(crash_dir(config, session.subject)),
@@ -148,7 +132,7 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     return wf
 
 
-def _connect_outputs(wf, session, config, members, provenance, brain, ensemble, stats, figures,
+def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, stats, figures,
                      outputnode):
     """Sinks for every derivative of one session."""
     ref = session.dwi
@@ -163,9 +147,9 @@ def _connect_outputs(wf, session, config, members, provenance, brain, ensemble, 
     prob_meta = {**mask_meta, "Type": "Lesion", "Description": "Lesion probability (ensemble mean)"}
     prob_meta.pop("Threshold")
     sinks = [
-        ("ds_mask", ensemble, "mask_file", dict(label="lesion", suffix="mask", dtype="uint8",
+        ("ds_mask", seg_wf, "outputnode.mask", dict(label="lesion", suffix="mask", dtype="uint8",
                                                  meta=mask_meta, reference=ref)),
-        ("ds_probseg", ensemble, "prob_file", dict(label="lesion", suffix="probseg",
+        ("ds_probseg", seg_wf, "outputnode.prob", dict(label="lesion", suffix="probseg",
                                                     dtype="float32", meta=prob_meta, reference=ref)),
         ("ds_trace", brain, "trace_file", dict(desc="preproc", suffix="trace", dtype="float32",
                                                reference=ref, meta={
@@ -191,6 +175,18 @@ def _connect_outputs(wf, session, config, members, provenance, brain, ensemble, 
             wf.connect(sink, "out_file", outputnode, "probseg")
         elif name == "ds_stats":
             wf.connect(sink, "out_file", outputnode, "stats")
+    if len(members) > 1:  # each member's own mask and probability map
+        for index, member in enumerate(members):
+            member_meta = {**mask_meta, "Models": [p for p in provenance if p["name"] == member],
+                           "EnsembleRule": "none (single member of the ensemble)"}
+            for suffix, field, dtype in (("mask", "member_masks", "uint8"),
+                                         ("probseg", "member_probs", "float32")):
+                pick = pe.Node(niu.Select(index=index), name=f"pick_{suffix}_{member}",
+                               run_without_submitting=True)
+                sink = _sink(f"ds_{suffix}_{member}", config, session, suffix, reference=ref,
+                             dtype=dtype, meta=member_meta, label="lesion", desc=member)
+                wf.connect([(seg_wf, pick, [(f"outputnode.{field}", "inlist")]),
+                            (pick, sink, [("out", "in_file")])])
     ds_figures = _sink("ds_figures", config, session, "figures", datatype="figures")
     wf.connect(figures, "figure_files", ds_figures, "in_file")
 

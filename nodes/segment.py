@@ -67,13 +67,20 @@ def wants_gpu(device: str) -> bool:
     return device == "cuda" or (device == "auto" and cuda_available())
 
 
-def get_predictor(member: str, weights_dir=None, device: str = "cpu", tta: bool = False, weights_file=None):
-    """The cached predictor of ``member`` (built on first use in this process)."""
+def get_predictor(member: str, weights_dir=None, device: str = "cpu", tta: bool = False, weights_file=None,
+                  manifest=None):
+    """The cached predictor of ``member`` (built on first use in this process).
+
+    ``manifest`` ({relpath: sha256}) is handed to the member, which checks its files against it
+    before loading anything.
+    """
     key = _cache_key(member, weights_dir, device, tta, weights_file)
     if key not in _PREDICTORS:
         options = {"tta": bool(tta)}
         if weights_file:
             options["weights"] = weights_file
+        if manifest:
+            options["manifest"] = dict(manifest)
         _PREDICTORS[key] = registry.build_predictor(member, weights_dir, device, **options)
     return _PREDICTORS[key]
 
@@ -122,14 +129,20 @@ class _SegmentInputSpec(DecisionInputSpec):
     brain_mask_file = File(exists=True, desc="brain mask (DWI grid): no lesion outside it")
     weights_dir = traits.Str(desc="folder of the official weights (SEALS/, NVAUTO/, FACTORIZER/)")
     weights_file = File(exists=True, desc="alternative weights file for the built-in model")
+    weights_manifest = File(exists=True, desc="checksum manifest (sha256sum lines or JSON) of the "
+                                              "official weights; mismatches are refused before loading")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="auto = cuda if available")
     tta = traits.Bool(False, usedefault=True, desc="test-time augmentation (mirroring)")
     threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True, desc="lesion where probability >= threshold")
     min_lesion_ml = traits.Float(desc="drop components smaller than this (ml); default: the member's "
                                       "recommendation, else 0")
-    num_threads = traits.Int(0, usedefault=True, desc="torch CPU threads (0 = leave torch's default)")
+    # scheduling only (results are identical for any thread count): kept out of the node hash so that
+    # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
+    num_threads = traits.Int(0, usedefault=True, nohash=True,
+                             desc="torch CPU threads (0 = leave torch's default)")
     seed = traits.Int(42, usedefault=True, desc="torch random seed")
-    use_gpu = traits.Bool(False, usedefault=True, desc="read by MultiProc: counts against n_gpu_procs")
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
+                          desc="read by MultiProc: counts against n_gpu_procs")
     step_name = traits.Str(desc="report step name; default 'segment' (use segment_<member> for several)")
 
 
@@ -179,7 +192,13 @@ class SegmentLesions(DecisionInterface):
         weights_file = self.inputs.weights_file or None
         cached = _cache_key(member, weights_dir, device, self.inputs.tta, weights_file) in _PREDICTORS
         t0 = time.perf_counter()
-        predictor = get_predictor(member, weights_dir, device, bool(self.inputs.tta), weights_file)
+        manifest = None
+        if isdefined(self.inputs.weights_manifest):
+            from models.weights import load_checksum_manifest
+
+            manifest = load_checksum_manifest(self.inputs.weights_manifest)
+        predictor = get_predictor(member, weights_dir, device, bool(self.inputs.tta), weights_file,
+                                  manifest)
         t_build = time.perf_counter() - t0
 
         import torch
