@@ -24,7 +24,7 @@ def step_durations(work_dir: Path) -> dict[str, float]:
     from nipype.utils.filemanip import loadpkl
 
     out = {}
-    for res in sorted(work_dir.glob("deepisles_wf/*/*/result_*.pklz")):
+    for res in sorted((work_dir / "deepisles_wf").rglob("result_*.pklz")):
         result = loadpkl(res)
         duration = getattr(getattr(result, "runtime", None), "duration", None)
         if duration is not None:
