@@ -147,6 +147,8 @@ def _volumes(path: Path) -> tuple[int | None, str | None]:
         shape = nib.load(str(path)).shape
     except Exception as exc:
         return None, f"header unreadable ({type(exc).__name__})"
+    if sum(int(d) != 1 for d in shape[3:]) > 1:  # e.g. x y z 2 2: not a series of volumes
+        return None, f"{len(shape)}-D image of shape {tuple(int(d) for d in shape)}"
     n = 1
     for d in shape[3:]:
         n *= int(d)

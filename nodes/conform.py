@@ -7,11 +7,12 @@ warning. Fields of view that do not overlap, or that cover < 10 % of the DWI for
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import File, traits
+from nipype.interfaces.base import File, isdefined, traits
 from scipy import ndimage as ndi
 
 from bids_app.errors import InputError
@@ -113,10 +114,24 @@ class ConformADC(DecisionInterface):
     step = "conform"
     title = "ADC on the DWI grid"
 
+    def _input_adc(self) -> str:
+        """The file an error should name: the session's input ADC (from ``discovery.json`` in the
+        reportlets folder; the raw DWI when the ADC was computed), not this node's work copy."""
+        rdir = self.inputs.reportlets_dir if isdefined(self.inputs.reportlets_dir) else ""
+        if rdir:
+            try:
+                found = json.loads((Path(rdir) / "discovery.json").read_text(encoding="utf-8"))
+                source = found.get("adc") or found.get("dwi")
+                if source:
+                    return str(source)
+            except (OSError, ValueError, AttributeError):
+                pass
+        return str(self.inputs.adc_file)
+
     def _run_step(self, runtime):
         dimg, dwi = load_nifti(self.inputs.dwi_file)
         aimg, adc = load_nifti(self.inputs.adc_file)
-        out, info = conform_adc(dwi, dimg.affine, adc, aimg.affine, self.inputs.adc_file)
+        out, info = conform_adc(dwi, dimg.affine, adc, aimg.affine, self._input_adc())
         self.record("dwi_grid", grid_info(dwi.shape, dimg.affine))
         self.record("adc_grid", grid_info(adc.shape, aimg.affine))
         self.record("resampled", info["resampled"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -28,7 +27,9 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     desc = traits.Str()
     label = traits.Str()
     datatype = traits.Enum("dwi", "figures", usedefault=True)
-    reference_file = File(exists=True, desc="input image whose grid (shape, affine) the output must have")
+    # not exists=True: the value is set when the workflow is built, and an input that cannot be read
+    # (a DataLad file not fetched) must fail its session in 'load', not the building of every session
+    reference_file = File(desc="input image whose grid (shape, affine) the output must have")
     dtype = traits.Enum(None, "uint8", "float32", usedefault=True)
     metadata = traits.Dict(desc="sidecar JSON content")
 
@@ -79,10 +80,7 @@ class DerivativesSink(SimpleInterface):
             else:
                 out = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
                                       extension="".join(src.suffixes[-1:]), **extra)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.part")
-                shutil.copyfile(src, tmp)
-                tmp.replace(out)
+                atomic_write_bytes(src.read_bytes(), out)  # unique temporary name, removed on failure
             if isdefined(ins.metadata) and ins.metadata and ins.datatype != "figures":
                 sidecar = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
                                           extension=".json", **extra)
