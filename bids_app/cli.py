@@ -160,6 +160,8 @@ def _prepare_environment(config: RunConfig) -> None:
     # before anything imports it (nothing has at this point: only argparse and the config ran)
     os.environ.setdefault("TEMPLATEFLOW_HOME", str(cache / "templateflow"))
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    # a uid without a passwd entry (docker -u, Apptainer) makes getpass.getuser() fail in monai
+    os.environ.setdefault("USER", "deepisles")
 
 
 def main(argv=None) -> int:

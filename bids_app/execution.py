@@ -79,6 +79,15 @@ def _nipype_config(config: RunConfig) -> None:
     nlogging.update_logging(ncfg)
 
 
+def _container() -> str | None:
+    """'docker' / 'apptainer' when running inside one of the project's images."""
+    import os
+
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return "apptainer"
+    return os.environ.get("DEEPISLES_CONTAINER") or None
+
+
 def models_provenance(members, weights_dir) -> list[dict]:
     from models import registry
 
@@ -119,7 +128,7 @@ def run_participant(config: RunConfig) -> int:
                 "models": provenance}
 
     if not config.reports_only:
-        write_dataset_description(config.output_dir, config.bids_dir, provenance)
+        write_dataset_description(config.output_dir, config.bids_dir, provenance, _container())
         write_json_atomic(config.to_dict(), config.output_dir / "logs" / config.run_id / "config.json")
         good = []
         for session in sessions:
