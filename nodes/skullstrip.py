@@ -135,6 +135,31 @@ def skullstrip(trace, adc, zooms, b0=None) -> dict:
                 method=f"median_otsu on the {source}", evidence=evidence, params=params)
 
 
+def skullstrip_canonical(trace, adc, zooms, affine, b0=None) -> dict:
+    """:func:`skullstrip` on the arrays turned to the closest RAS voxel order, results turned back.
+
+    The working grid of the extraction (blocks of ``WORK_MM``) starts at the first voxel of each
+    axis, so the same scan stored LAS, RAS, LPS or with permuted axes would get slightly different
+    masks; in one canonical voxel order (exact permutations and flips, no interpolation) it gets the
+    same mask whatever its storage order.
+    """
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(affine, dtype=float))
+    to_ras = nio.ornt_transform(ornt, nio.axcodes2ornt(("R", "A", "S")))
+    from_ras = nio.ornt_transform(nio.axcodes2ornt(("R", "A", "S")), ornt)
+    zooms_ras = np.empty(3, dtype=float)
+    zooms_ras[to_ras[:, 0].astype(int)] = np.asarray(zooms[:3], dtype=float)
+
+    def canon(a):
+        return None if a is None else np.ascontiguousarray(nio.apply_orientation(a, to_ras))
+
+    res = skullstrip(canon(trace), canon(adc), tuple(zooms_ras), canon(b0))
+    for key in ("trace", "adc", "mask"):
+        res[key] = np.ascontiguousarray(nio.apply_orientation(res[key], from_ras))
+    return res
+
+
 def synthetic_head(brain: np.ndarray, zooms, seed: int = 0) -> np.ndarray:
     """Wrap a skull-stripped image in a synthetic head (for tests and benchmarks).
 
@@ -195,7 +220,7 @@ class BrainExtraction(DecisionInterface):
             if b0.shape != trace.shape:
                 raise InputError(self.inputs.b0_file, f"b0 shape {b0.shape} differs from the trace {trace.shape}")
         zooms = timg.header.get_zooms()[:3]
-        res = skullstrip(trace, adc, zooms, b0)
+        res = skullstrip_canonical(trace, adc, zooms, timg.affine, b0)
         ev = res["evidence"]
         self.record("evidence", ev)
         self.record("skull_stripped_input", res["stripped_input"])
