@@ -133,6 +133,10 @@ def run_participant(config: RunConfig) -> int:
         good = []
         for session in sessions:
             rdir = reportlets_dir(config.work_dir, session)
+            dropped = registry.members_for_session(members, session.flair is not None)[1]
+            if dropped:
+                session.notes.append(f"no FLAIR: ensemble member(s) {', '.join(dropped)} cannot run "
+                                     "for this session; the others are combined")
             write_json_atomic({**session.to_dict(), "step": "discovery"}, rdir / "discovery.json")
             if session.problem:
                 LOGGER.error("%s: %s", session_name(session), session.problem)

@@ -63,8 +63,6 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     from models.registry import members_for_session
 
     members, dropped = members_for_session(members, session.flair is not None)
-    if dropped:
-        session.notes.append(f"no FLAIR: members {', '.join(dropped)} cannot run for this session")
     if not members:
         raise ValueError(f"no member of the ensemble can run without FLAIR ({', '.join(dropped)})")
     name = session_name(session)

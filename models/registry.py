@@ -194,11 +194,16 @@ def not_implemented(name: str) -> DeepIslesError:
     return DeepIslesError(f"member {name!r} is not implemented yet in this version")
 
 
-def _not_implemented_factory(name: str):
-    def factory(weights_dir, device, options):
-        raise not_implemented(name)
+def _lazy(module: str, attr: str):
+    """A factory/checksum hook that imports ``module`` only when the member is used."""
 
-    return factory
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args)
+
+    call.__name__ = f"{module}.{attr}"
+    return call
 
 
 # ----------------------------------------------------------------------------- members
@@ -261,9 +266,9 @@ register(MemberSpec(
     needs_flair=False,
     required_files=SEALS_FILES,
     citation=DEEPISLES_CITATION,
-    factory=_not_implemented_factory("seals"),
+    factory=_lazy("models.seals", "build_seals"),
+    checksum=_lazy("models.seals", "seals_checksums"),
     inputs=("trace", "adc"),
-    implemented=False,
 ))
 register(MemberSpec(
     name="nvauto",
@@ -271,9 +276,9 @@ register(MemberSpec(
     needs_flair=False,
     required_files=NVAUTO_FILES,
     citation=DEEPISLES_CITATION,
-    factory=_not_implemented_factory("nvauto"),
+    factory=_lazy("models.nvauto", "build_nvauto"),
+    checksum=_lazy("models.nvauto", "nvauto_checksums"),
     inputs=("trace", "adc"),
-    implemented=False,
 ))
 register(MemberSpec(
     name="factorizer",
@@ -281,7 +286,7 @@ register(MemberSpec(
     needs_flair=True,
     required_files=FACTORIZER_FILES,
     citation=DEEPISLES_CITATION,
-    factory=_not_implemented_factory("factorizer"),
+    factory=_lazy("models.factorizer", "build_factorizer"),
+    checksum=_lazy("models.factorizer", "factorizer_checksums"),
     inputs=("trace", "adc", "flair"),
-    implemented=False,
 ))

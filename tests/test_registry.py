@@ -47,10 +47,9 @@ def test_available_members_needs_every_file(tmp_path):
     assert R.available_members(tmp_path) == []
     _touch(tmp_path, R.NVAUTO_FILES[-1:])
     assert R.available_members(tmp_path) == ["nvauto"]
-    # present but not implemented yet: the default falls back to builtin
-    assert R.resolve_members(None, tmp_path) == ["builtin"]
-    with pytest.raises(DeepIslesError, match="member 'nvauto' is not implemented yet in this version"):
-        R.resolve_members(["nvauto"], tmp_path)
+    # every file of an implemented official member present: it becomes the default
+    assert R.resolve_members(None, tmp_path) == ["nvauto"]
+    assert R.resolve_members(["nvauto"], tmp_path) == ["nvauto"]
 
 
 def test_requested_member_with_missing_files(tmp_path):
@@ -92,9 +91,9 @@ def test_register_validates_spec():
         R.register(R.MemberSpec(name="x2", description="", needs_flair=True))
 
 
-def test_official_factories_not_implemented(tmp_path):
+def test_official_factories_need_their_files(tmp_path):
     for name in ("seals", "nvauto", "factorizer"):
-        with pytest.raises(DeepIslesError, match=f"member '{name}' is not implemented yet"):
+        with pytest.raises(DeepIslesError, match="missing"):
             R.build_predictor(name, tmp_path)
 
 
