@@ -55,7 +55,10 @@ def _exit_code(errors: dict[str, list[str]]) -> int:
 def _plugin(config: RunConfig):
     if config.nprocs <= 1:
         return "Linear", {}
-    args = {"n_procs": config.nprocs, "raise_insufficient": False, "n_gpu_procs": 1}
+    # forkserver: workers never inherit a parent that already runs torch/OpenMP threads (a fork of
+    # such a process can deadlock, e.g. when the app is called from Python after using torch)
+    args = {"n_procs": config.nprocs, "raise_insufficient": False, "n_gpu_procs": 1,
+            "mp_context": "forkserver"}
     if config.mem_gb:
         args["memory_gb"] = config.mem_gb
     return "MultiProc", args
