@@ -55,13 +55,29 @@ def _exit_code(errors: dict[str, list[str]]) -> int:
 def _plugin(config: RunConfig):
     if config.nprocs <= 1:
         return "Linear", {}
-    # forkserver: workers never inherit a parent that already runs torch/OpenMP threads (a fork of
-    # such a process can deadlock, e.g. when the app is called from Python after using torch)
     args = {"n_procs": config.nprocs, "raise_insufficient": False, "n_gpu_procs": 1,
-            "mp_context": "forkserver"}
+            "mp_context": _mp_context()}
     if config.mem_gb:
         args["memory_gb"] = config.mem_gb
     return "MultiProc", args
+
+
+def _mp_context() -> str:
+    """'forkserver' where it works, else 'fork'.
+
+    Forkserver workers never inherit a parent that already runs torch/OpenMP threads (a fork of such a
+    process can deadlock, e.g. when the app is called from Python after using torch). It needs the
+    multiprocessing resource tracker, which cannot start where the interpreter cannot re-execute
+    itself (seen as an unprivileged user with a Python under an unreadable folder): then fork.
+    """
+    import multiprocessing as mp
+
+    try:
+        mp.get_context("forkserver").Lock()
+        return "forkserver"
+    except (OSError, ValueError) as exc:
+        LOGGER.warning("multiprocessing forkserver unavailable (%s); workers are forked", exc)
+        return "fork"
 
 
 def _nipype_config(config: RunConfig) -> None:
