@@ -81,6 +81,8 @@ def _mp_context() -> str:
 
 
 def _nipype_config(config: RunConfig) -> None:
+    import os
+
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
@@ -96,6 +98,13 @@ def _nipype_config(config: RunConfig) -> None:
     for name in ("workflow", "interface", "utils"):
         ncfg.set("logging", f"{name}_level", level)
     nlogging.update_logging(ncfg)
+    # worker processes read nipype's configuration afresh: give them the same one, from the work dir
+    # (never from a possibly read-only or foreign ~/.nipype)
+    cfg_dir = config.work_dir / ".nipype"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg_dir / "nipype.cfg", "w", encoding="utf-8") as handle:
+        ncfg._config.write(handle)
+    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 
 def _container() -> str | None:
