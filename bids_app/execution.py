@@ -71,12 +71,15 @@ def _mp_context() -> str:
     itself (seen as an unprivileged user with a Python under an unreadable folder): then fork.
     """
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-    try:
-        mp.get_context("forkserver").Lock()
+    try:  # a real round trip: the forkserver (reused by nipype's pool) and the resource tracker
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("forkserver")) as pool:
+            pool.submit(abs, -1).result(timeout=120)
         return "forkserver"
-    except (OSError, ValueError) as exc:
-        LOGGER.warning("multiprocessing forkserver unavailable (%s); workers are forked", exc)
+    except Exception as exc:  # noqa: BLE001 - any failure to start means: use fork
+        LOGGER.warning("multiprocessing forkserver unavailable (%s); workers are forked",
+                       type(exc).__name__)
         return "fork"
 
 
