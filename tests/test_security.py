@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bids_app.errors import WeightsError
+from models.weights import sha256_file
 from bids_app.group import run_group
 from bids_app.report.subject import build_subject_report
 from models import registry
@@ -110,7 +111,7 @@ def test_pickled_object_in_weights_is_refused(tmp_path, torch_loads):
     boom.marker = marker
     path = tmp_path / "evil.pt"
     torch.save({"model.0.conv.weight": torch.zeros(1), "payload": boom}, path)
-    path.with_suffix(".json").write_text(json.dumps({"sha256": bp._sha256(path)}))
+    path.with_suffix(".json").write_text(json.dumps({"sha256": sha256_file(path)}))
     with pytest.raises(bp.WeightsIntegrityError, match="refused to load"):
         bp.BuiltinPredictor(weights=path)
     with pytest.raises(WeightsError, match="refused to load"):

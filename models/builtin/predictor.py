@@ -20,12 +20,13 @@ weights_only=True)``. Same input -> bit-identical output (deterministic algorith
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.weights import sha256_file
 
 from .network import DEFAULT_HPARAMS, build_network
 
@@ -38,12 +39,6 @@ class WeightsIntegrityError(RuntimeError):
     """The weights file does not match the SHA-256 recorded in its sidecar."""
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -134,7 +129,7 @@ class BuiltinPredictor:
             if not side.exists():
                 raise WeightsIntegrityError(f"{self.weights}: no sidecar {side.name} with the SHA-256")
             meta = json.loads(side.read_text())  # noqa: F811
-            sha = _sha256(self.weights)
+            sha = sha256_file(self.weights)
             if sha != meta.get("sha256"):
                 raise WeightsIntegrityError(
                     f"{self.weights}: SHA-256 {sha} does not match the sidecar ({meta.get('sha256')}); refusing to load")

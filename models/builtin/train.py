@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.weights import sha256_file
+
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import SynthGenerator, random_crop
 
@@ -38,12 +39,6 @@ def _log(msg):
     print(f"[builtin-train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def step_seed(seed: int, step: int) -> int:
