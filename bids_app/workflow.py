@@ -12,7 +12,6 @@ from bids_app.discovery import SessionInputs
 from bids_app.segmentation_wf import init_segmentation_wf
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 
-LESION_THRESHOLD_DOC = "probability >= {thr} after the ensemble rule, components < {ml} ml removed"
 
 
 def init_deepisles_wf(sessions: list[SessionInputs], config: RunConfig, members: list[str],

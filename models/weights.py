@@ -152,3 +152,30 @@ def safe_torch_load(path, expected_sha256: str | None = None, allow_pickle: bool
             f"({first}); it may contain arbitrary pickled Python objects. Load it with "
             "allow_pickle=True only if you trust its origin and its checksum is verified"
         ) from None
+
+
+def load_state_dict_strict(net, state_dict: dict, where: str, what: str | None = None) -> None:
+    """``net.load_state_dict(strict=True)`` with one readable :class:`WeightsError`.
+
+    The error names ``where`` (the file) and lists missing and unexpected keys and shape mismatches.
+    """
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs network {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+
+    def listed(keys, n=4):
+        return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) ({listed(missing)})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected key(s) ({listed(extra)})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) ({'; '.join(shapes[:3])})")
+        raise WeightsError(f"{where}: weights do not match the {what or type(net).__name__}: "
+                           + ", ".join(parts))
+    net.load_state_dict(state_dict, strict=True)

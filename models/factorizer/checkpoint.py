@@ -244,18 +244,6 @@ def build_network(sd: dict, where: str = "checkpoint"):
 
 def load_strict(net, sd: dict, where: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a readable :class:`WeightsError` (names, shapes)."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:2]})")
-        raise WeightsError(f"{where}: state dict does not match the {type(net).__name__}: " + "; ".join(parts))
-    net.load_state_dict(sd, strict=True)
+    from models.weights import load_state_dict_strict
+
+    load_state_dict_strict(net, sd, where)

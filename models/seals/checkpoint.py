@@ -172,21 +172,7 @@ def strip_module_prefix(state_dict: dict, where: str) -> "collections.OrderedDic
 
 
 def load_state_dict_strict(net, state_dict: dict, where: str) -> None:
-    """Strict load with a readable error listing missing / unexpected keys and shape mismatches."""
-    sd = strip_module_prefix(state_dict, where)
-    own = net.state_dict()
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs plan {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected key(s) ({', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es) ({'; '.join(shapes[:3])})")
-        raise WeightsError(f"{where}: weights do not match the Generic_UNet built from the plans: "
-                           + ", ".join(parts))
-    net.load_state_dict(sd, strict=True)
+    """Strict load (keys with or without ``module.``) with a readable error."""
+    from models.weights import load_state_dict_strict as strict
+
+    strict(net, strip_module_prefix(state_dict, where), where, "Generic_UNet built from the plans")
