@@ -18,10 +18,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import File, isdefined, traits
-from scipy import ndimage
 
 from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
+from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
     DecisionInterface,
@@ -31,7 +31,6 @@ from nodes.base import (
     save_nifti_atomic,
 )
 
-_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 #: built predictors of this process: (member, weights_dir, weights_file, device, tta) -> predictor
 _PREDICTORS: dict[tuple, object] = {}
 #: which input trait carries each image a member may ask for (see models/registry.py)
@@ -92,24 +91,6 @@ def _cache_key(member, weights_dir, device, tta, weights_file) -> tuple:
 
 def clear_predictor_cache() -> None:
     _PREDICTORS.clear()
-
-
-def postprocess(prob: np.ndarray, threshold: float, min_voxels: int = 0) -> tuple[np.ndarray, int]:
-    """``prob >= threshold`` without 26-connected components under ``min_voxels``.
-
-    Returns ``(uint8 mask, number of components removed)``.
-    """
-    mask = np.asarray(prob) >= threshold
-    removed = 0
-    if min_voxels > 1 and mask.any():
-        labels, n = ndimage.label(mask, structure=_STRUCTURE_26)
-        sizes = np.bincount(labels.ravel())
-        small = np.flatnonzero(sizes < min_voxels)
-        small = small[small > 0]
-        removed = int(small.size)
-        if removed:
-            mask[np.isin(labels, small)] = False
-    return mask.astype(np.uint8), removed
 
 
 def format_checksums(sha) -> str:

@@ -124,9 +124,11 @@ def test_postprocess_removes_small_components():
     prob = np.zeros((20, 20, 20), np.float32)
     prob[2:6, 2:6, 2:6] = 0.9  # 64 voxels
     prob[15, 15, 15] = 0.9  # 1 voxel
-    assert P.postprocess(prob).sum() == 65
-    assert P.postprocess(prob, min_size_voxels=2).sum() == 64
-    assert P.postprocess(prob, min_size_ml=0.5, voxel_ml=0.008).sum() == 64
+    from models.postprocess import postprocess
+
+    assert postprocess(prob)[0].sum() == 65
+    assert postprocess(prob, 0.5, min_voxels=2)[0].sum() == 64
+    assert postprocess(prob, 0.95)[0].sum() == 0 and postprocess(prob, 0.9)[0].sum() == 65
 
 
 def test_training_smoke_with_resume(tmp_path, monkeypatch):

@@ -189,26 +189,3 @@ class BuiltinPredictor:
             p = self._prob_model_grid(x)
         out = grid.from_model(p)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def postprocess(prob, threshold=0.5, min_size_voxels=None, min_size_ml=None, voxel_ml=None):
-    """Binary mask (uint8) of ``prob > threshold`` without connected components (26-connectivity)
-    smaller than ``min_size_voxels``, or than ``min_size_ml`` (needs ``voxel_ml``, the voxel volume
-    in ml). With neither size given, only the threshold is applied."""
-    from scipy import ndimage
-
-    mask = np.asarray(prob) > threshold
-    min_vox = 0
-    if min_size_voxels:
-        min_vox = int(min_size_voxels)
-    if min_size_ml:
-        if not voxel_ml:
-            raise ValueError("min_size_ml needs voxel_ml")
-        min_vox = max(min_vox, int(np.ceil(min_size_ml / voxel_ml)))
-    if min_vox > 1 and mask.any():
-        lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-        sizes = np.bincount(lab.ravel())
-        keep = sizes >= min_vox
-        keep[0] = False
-        mask = keep[lab]
-    return mask.astype(np.uint8)
