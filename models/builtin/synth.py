@@ -136,7 +136,7 @@ class SynthGenerator:
         ijk = q @ inv[:3, :3].T + inv[:3, 3]
         shp = torch.tensor(self.atlas.shape[2:], dtype=torch.float32, device=self.device)
         norm = ijk / (shp - 1) * 2 - 1
-        return norm.flip(-1)[None]  # grid_sample wants (x=W, y=H, z=D)
+        return norm.flip(-1)[None], q  # grid_sample wants (x=W, y=H, z=D); q: MNI mm per voxel
 
     # ------------------------------------------------------------------ lesions
     def _centre(self, rng, cand):
@@ -198,13 +198,13 @@ class SynthGenerator:
         field = torch.zeros(self.fov, device=self.device)
         if rng.random() < 0.12 or cand.shape[0] == 0:
             return field
-        n_events = rng.choice([1, 1, 1, 2, 2, 3])
+        n_events = rng.choice([1, 1, 2, 2, 3, 4])
         for _ in range(n_events):
             kind = rng.random()
             c = self._centre(rng, cand)
-            if kind < 0.35 and self.templates:
+            if kind < 0.3 and self.templates:
                 self._paste_shape(rng, field, c)
-            elif kind < 0.7:
+            elif kind < 0.6:
                 r0 = math.exp(rng.uniform(math.log(0.6), math.log(14.0)))
                 radii = [r0 * rng.uniform(0.6, 1.4) for _ in range(3)]
                 self._ellipsoid(rng, gen, field, c, radii, rng.uniform(0.03, 0.15),
@@ -213,7 +213,7 @@ class SynthGenerator:
                 spread = rng.uniform(4, 22)
                 for _ in range(rng.randint(3, 30)):
                     cc = [c[ax] + rng.gauss(0, spread / 2) for ax in range(3)]
-                    r0 = math.exp(rng.uniform(math.log(0.5), math.log(3.0)))
+                    r0 = math.exp(rng.uniform(math.log(0.5), math.log(2.5)))
                     radii = [r0 * rng.uniform(0.7, 1.3) for _ in range(3)]
                     self._ellipsoid(rng, gen, field, cc, radii, rng.uniform(0.03, 0.12), 0.0)
         return field
@@ -245,14 +245,14 @@ class SynthGenerator:
             reg = torch.exp(-((z - zc) ** 2 + (y - yc) ** 2 + (x - xc) ** 2) / (2 * w ** 2))
             dwi.mul_(1 + reg * rng.uniform(0.2, 0.9))
             adc.mul_(1 + reg * rng.uniform(-0.1, 0.2))
-        if cand.shape[0] and rng.random() < 0.4:  # bright-DWI blobs with normal ADC
+        if cand.shape[0] and rng.random() < 0.5:  # bright-DWI blobs with normal ADC
             f = torch.zeros(self.fov, device=self.device)
             for _ in range(rng.randint(1, 6)):
                 r0 = math.exp(rng.uniform(math.log(0.6), math.log(8.0)))
                 self._ellipsoid(rng, gen, f, self._centre(rng, cand),
                                 [r0 * rng.uniform(0.6, 1.4) for _ in range(3)], rng.uniform(0.03, 0.2), 0.2)
-            dwi.mul_(1 + f * rng.uniform(0.3, 1.5))
-            adc.mul_(1 + f * rng.uniform(-0.1, 0.3))
+            dwi.mul_(1 + f * rng.uniform(0.3, 2.0))
+            adc.mul_(1 + f * rng.uniform(-0.05, 0.3))
         if rng.random() < 0.4:  # susceptibility artefact: bright rim at the brain edge
             inner = F.avg_pool3d(brain_soft[None, None], 5, 1, 2)[0, 0]
             rim = torch.clamp(brain_soft - inner, 0, 1) * 3
@@ -273,12 +273,15 @@ class SynthGenerator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) & 0x7FFFFFFFFFFF)
         dev = self.device
-        grid = self._warp_grid(rng, gen)
+        grid, mni = self._warp_grid(rng, gen)
         pv = F.grid_sample(self.atlas, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         gm, wm, csf = pv[0], pv[1], pv[2]
-        atro = rng.uniform(0.0, 1.0)  # atrophy: widen sulci and ventricles by up to ~1 voxel
+        atro = rng.uniform(0.0, 1.3)  # atrophy: widen sulci and ventricles by up to ~1.3 voxels
         if atro > 0.1:
-            csf2 = torch.maximum(csf, atro * F.max_pool3d(csf[None, None], 3, 1, 1)[0, 0])
+            grown = F.max_pool3d(csf[None, None], 3, 1, 1)
+            if atro > 1.0:
+                grown = F.max_pool3d(grown, 3, 1, 1) * (atro - 1.0) + grown * (2.0 - atro)
+            csf2 = torch.maximum(csf, min(atro, 1.0) * grown[0, 0])
             k = torch.clamp(1 - csf2, 0, 1) / torch.clamp(gm + wm, min=1e-4)
             k = torch.clamp(k, max=1.0)
             gm, wm, csf = gm * k, wm * k, csf2
@@ -288,22 +291,29 @@ class SynthGenerator:
 
         # tissue contrasts
         d_wm, d_gm, d_csf = 1.0, rng.uniform(1.05, 1.7), rng.uniform(0.1, 0.45)
-        a_wm = rng.uniform(0.6, 0.8)
+        a_wm = rng.uniform(0.55, 0.8)
         a_gm, a_csf = a_wm + rng.uniform(0.0, 0.22), rng.uniform(2.2, 3.3)
         paren = gm + wm
         tex = smooth_noise(gen, self.fov, (12, 14, 12), 2, dev)[0]
         dwi_t = (gm * d_gm + wm * d_wm) * torch.exp(tex[0] * rng.uniform(0.0, 0.15))
         adc_t = (gm * a_gm + wm * a_wm) * torch.exp(tex[1] * rng.uniform(0.0, 0.06))
+        if rng.random() < 0.85:  # posterior fossa: brighter trace, lower ADC than the cerebrum (normal)
+            infra = infratentorial(mni)
+            dwi_t = dwi_t * (1 + infra * rng.uniform(0.0, 0.8))
+            adc_t = adc_t * (1 - infra * rng.uniform(0.0, 0.25))
 
         # lesions (in parenchyma only; CSF keeps its signal)
         les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)
         if float(les.max()) > 0:
             het = 1 + smooth_noise(gen, self.fov, (10, 12, 10), 2, dev)[0] * rng.uniform(0.0, 0.25)
-            fd = rng.uniform(1.3, 3.5)
-            a_les = rng.uniform(0.28, 0.6)  # absolute lesion ADC (1e-3 mm2/s)
+            fd = rng.uniform(1.25, 3.5)
             dwi_t = dwi_t * (1 + les * (fd - 1) * torch.clamp(het[0], 0.3, 2))
-            a_map = torch.clamp(a_les * torch.clamp(het[1], 0.6, 1.4), max=0.9)
-            adc_t = adc_t * (1 - les) + paren * a_map * les
+            if rng.random() < 0.5:  # absolute lesion ADC (1e-3 mm2/s)
+                a_map = torch.clamp(rng.uniform(0.28, 0.6) * torch.clamp(het[1], 0.6, 1.4), max=0.9) * paren
+            else:  # relative to the local tissue (rADC 0.45-0.85), e.g. in the posterior fossa
+                r = torch.clamp(rng.uniform(0.45, 0.85) * torch.clamp(het[1], 0.8, 1.2), max=0.9)
+                a_map = adc_t * r
+            adc_t = adc_t * (1 - les) + a_map * les
         dwi = dwi_t + csf * d_csf
         adc = adc_t + csf * a_csf
         self._negatives(rng, gen, cand, brain_soft, dwi, adc)
@@ -345,6 +355,14 @@ class SynthGenerator:
         """Batch of ``n`` volumes: x (n, 2, *FOV), y (n, 1, *FOV). Volume i uses seed ``seed * 1000 + i``."""
         xs, ys = zip(*(self.sample_one(seed * 1000 + i) for i in range(n)))
         return torch.stack(xs), torch.stack(ys)
+
+
+def infratentorial(mni: torch.Tensor) -> torch.Tensor:
+    """Soft posterior-fossa map (cerebellum + pons/medulla) from MNI mm coordinates (..., 3)."""
+    x, y, z = mni[..., 0], mni[..., 1], mni[..., 2]
+    cerebellum = torch.sigmoid((-18 - z) / 2.5) * torch.sigmoid((-42 - y) / 3)
+    stem = torch.sigmoid((-12 - z) / 2.5) * torch.sigmoid((14 - x.abs()) / 2) * torch.sigmoid((-12 - y) / 3)
+    return torch.maximum(cerebellum, stem)
 
 
 def _rot(ang):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.postprocess import postprocess
 from models.weights import sha256_file
 
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
@@ -84,7 +85,7 @@ def eval_real(state_dict, hparams, bids_path, device="cpu", roi=None):
     prob = pred.predict(dn, an)
     gt = np.asarray(nib.load(str(msk_f)).dataobj) > 0
     vox_ml = float(np.prod(dwi.header.get_zooms()[:3])) / 1000.0
-    return lesion_metrics(prob > 0.5, gt, vox_ml)
+    return lesion_metrics(postprocess(prob, 0.5)[0] > 0, gt, vox_ml)
 
 
 def main(argv=None):
@@ -97,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--patch", type=int, nargs=3, default=None,
                     help="training crop (multiples of 8); default 64^3 on CPU, the whole 88x104x88 FOV on CUDA")
+    ap.add_argument("--crops-per-volume", type=int, default=1,
+                    help="crops taken from each generated volume (batch = volumes x crops; cheaper on CPU)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--ckpt-every", type=int, default=50)
@@ -197,7 +200,10 @@ def main(argv=None):
                 _log(f"schedule-by-time: {rate:.2f} steps/s -> steps {args.steps} -> {fit}")
                 args.steps = max(step + 1, fit)
         ss = step_seed(args.seed, step)
-        x, y = gen.batch(ss, args.batch)
+        x, y = gen.batch(ss, max(1, args.batch // args.crops_per_volume))
+        if args.crops_per_volume > 1:
+            x = x.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
+            y = y.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
         x, y = random_crop(x, y, patch, ss)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
@@ -249,6 +255,7 @@ def main(argv=None):
         "selected_step": best["step"],
         "synthetic_val_dice": best["val_dice"],
         "batch": args.batch,
+        "crops_per_volume": args.crops_per_volume,
         "patch": list(patch),
         "lr": args.lr,
         "device": str(device),
