@@ -168,3 +168,38 @@ def test_shipped_model_finds_lesion_on_real_sample():
 # Measured with the shipped weights (sha256 5cb5d8cd...): Dice 0.148, 3 of 18 GT lesions found (see
 # MODEL_CARD.md). The floor only guards against regressions (broken orientation, units, weights).
 DICE_FLOOR = 0.08
+
+
+def test_temperature_calibration(tmp_path):
+    """A fitted temperature is recorded in the sidecar, keeps the 0.5 mask and changes the probabilities."""
+    from models.builtin import calibrate as C
+    from models.weights import sha256_file
+
+    rng = np.random.default_rng(0)
+    logit = rng.normal(0, 4, 20000)
+    label = (rng.random(20000) < 1 / (1 + np.exp(-logit / 3.0))).astype(float)  # true temperature 3
+    assert abs(C.fit_temperature(logit, label) - 3.0) < 0.3
+    assert C.ece(1 / (1 + np.exp(-logit / 3.0)), label) < C.ece(1 / (1 + np.exp(-logit)), label)
+
+    torch.manual_seed(0)
+    w = tmp_path / "w.pt"
+    torch.save(build_network(DEFAULT_HPARAMS).state_dict(), w)
+    (tmp_path / "w.json").write_text(json.dumps({"hparams": DEFAULT_HPARAMS, "sha256": sha256_file(w),
+                                                 "patch": [32, 32, 32]}))
+    rec = C.calibrate(w, n=2, generator=SynthGenerator("cpu", fov=(32, 40, 32)))
+    meta = json.loads((tmp_path / "w.json").read_text())
+    assert meta["calibration"] == rec and rec["bce_after"] <= rec["bce_before"] + 1e-9
+    assert sha256_file(w) == meta["sha256"]
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    x = np.random.default_rng(1).random((2, 24, 24, 24)).astype(np.float32)
+    imgs = [nib.Nifti1Image(x[i], aff) for i in range(2)]
+    p_cal = P.BuiltinPredictor(w).predict(*imgs)
+    meta["calibration"]["temperature"] = 1.0
+    (tmp_path / "w.json").write_text(json.dumps(meta))
+    p_raw = P.BuiltinPredictor(w).predict(*imgs)
+    assert np.array_equal(p_cal >= 0.5, p_raw >= 0.5)
+    assert not np.allclose(p_cal, p_raw) or abs(rec["temperature"] - 1.0) < 1e-3
+    meta["calibration"]["temperature"] = 0.0
+    (tmp_path / "w.json").write_text(json.dumps(meta))
+    with pytest.raises(P.WeightsIntegrityError):
+        P.BuiltinPredictor(w)

@@ -9,8 +9,9 @@ array on that same grid:
    training used random rotations of +-15 deg); otherwise the image is resampled (trilinear,
    ``nibabel.processing.resample_from_to``) onto an axis-aligned RAS 2 mm grid covering it;
 2. MONAI ``SlidingWindowInferer`` (roi = the training patch from the sidecar, else 96x112x96;
-   overlap 0.25, gaussian blending), optional left-right
-   flip TTA (mean of the sigmoid probabilities), sigmoid;
+   overlap 0.25, gaussian blending), ``sigmoid(logit / T)`` with the sidecar's calibration
+   temperature ``T`` (``calibrate.py``; 1 when absent), optional left-right flip TTA (mean of the
+   probabilities);
 3. back to the input grid (exact inverse of the axis permutation, or trilinear resampling).
 
 The weights are verified against the SHA-256 in their JSON sidecar *before* ``torch.load(...,
@@ -142,6 +143,10 @@ class BuiltinPredictor:
                 raise WeightsIntegrityError(
                     f"{self.weights}: refused to load: not a plain weights file readable with "
                     f"weights_only=True ({type(exc).__name__}: {first})") from None
+        # probability calibration (models/builtin/calibrate.py): sigmoid(logit / T); T=1 when absent
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+        if not (0.01 <= self.temperature <= 100.0):
+            raise WeightsIntegrityError(f"{self.weights}: calibration temperature {self.temperature} out of range")
         # sliding-window size: the training patch (instance-norm statistics as in training) unless given
         self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
         self.net = build_network(self.hparams)
@@ -170,9 +175,9 @@ class BuiltinPredictor:
         t = torch.from_numpy(xp)[None].to(self.device)
         roi = tuple(min(r, p) for r, p in zip(self.roi, padded))
         self.inferer.roi_size = roi
-        prob = torch.sigmoid(self.inferer(t, self.net))
+        prob = torch.sigmoid(self.inferer(t, self.net) / self.temperature)
         if self.tta:  # left-right flip (axis 0 is R-L on the RAS model grid)
-            prob = 0.5 * (prob + torch.sigmoid(self.inferer(t.flip(2), self.net)).flip(2))
+            prob = 0.5 * (prob + torch.sigmoid(self.inferer(t.flip(2), self.net) / self.temperature).flip(2))
         return prob[0, 0, : shape[0], : shape[1], : shape[2]].float().cpu().numpy()
 
     def predict(self, dwi_n_img, adc_n_img) -> np.ndarray:

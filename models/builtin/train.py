@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.postprocess import postprocess
 from models.weights import sha256_file
 
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
@@ -70,6 +69,8 @@ def validate(net, gen, n, device, amp):
 def eval_real(state_dict, hparams, bids_path, device="cpu", roi=None):
     """Dice / lesion-wise F1 of ``state_dict`` on the first case of a BIDS folder (information only)."""
     import nibabel as nib
+
+    from models.postprocess import postprocess  # scipy: only where a real case is evaluated
 
     from .metrics import lesion_metrics
     from .predictor import BuiltinPredictor, normalize_images
