@@ -115,6 +115,9 @@ def main(argv=None):
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-real", default=None)
+    ap.add_argument("--real-data", default=None,
+                    help="labelled ISLES-style BIDS folder mixed into training (never for the shipped weights)")
+    ap.add_argument("--real-fraction", type=float, default=0.25, help="with --real-data: share of real crops")
     args = ap.parse_args(argv)
     t0 = time.time()
 
@@ -142,6 +145,12 @@ def main(argv=None):
     if args.init:
         net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
         _log(f"initialised from {args.init}")
+    real = None
+    if args.real_data:
+        from .real_data import RealCases
+
+        real = RealCases(args.real_data, patch)
+        _log(f"real cases mixed in ({args.real_fraction:.0%} of crops): {', '.join(real.ids)}")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warm = max(1, min(100, args.steps // 20))
 
@@ -206,6 +215,11 @@ def main(argv=None):
             x = x.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
             y = y.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
         x, y = random_crop(x, y, patch, ss)
+        if real is not None:
+            pick = random.Random(ss + 17)
+            for i in range(x.shape[0]):
+                if pick.random() < args.real_fraction:
+                    x[i], y[i] = real.crop(pick.randrange(2 ** 31))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
@@ -266,6 +280,8 @@ def main(argv=None):
         "output": "1 logit channel, sigmoid = lesion probability",
         "sha256": sha,
     }
+    if real is not None:
+        meta["real_data"] = {"path": str(args.real_data), "cases": real.ids, "fraction": args.real_fraction}
     if args.eval_real:
         m = eval_real(state, hp, args.eval_real, roi=patch)
         meta["real_case_info_only"] = m
