@@ -136,13 +136,14 @@ def test_training_smoke_with_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "SynthGenerator", lambda device: SynthGenerator(device, fov=SMALL_FOV))
     common = ["--out", str(tmp_path), "--batch", "1", "--device", "cpu", "--patch", "32", "32", "32",
-              "--val-every", "0", "--ckpt-every", "1", "--log-every", "1"]
+              "--val-every", "1", "--val-n", "1", "--ckpt-every", "1", "--log-every", "1"]
     T.main(common + ["--steps", "1"])
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 1
     meta = T.main(common + ["--steps", "2", "--resume"])
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2 and meta["steps_done"] == 2
+    assert 0.0 <= meta["synthetic_val_dice"] <= 1.0 and meta["selected_step"] in (1, 2)
     w = tmp_path / "builtin_v1.pt"
     assert T.sha256_file(w) == json.loads((tmp_path / "builtin_v1.json").read_text())["sha256"]
     sd = torch.load(w, weights_only=True)

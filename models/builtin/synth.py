@@ -299,8 +299,8 @@ class SynthGenerator:
         adc_t = (gm * a_gm + wm * a_wm) * torch.exp(tex[1] * rng.uniform(0.0, 0.06))
         if rng.random() < 0.85:  # posterior fossa: brighter trace, lower ADC than the cerebrum (normal)
             infra = infratentorial(mni)
-            dwi_t = dwi_t * (1 + infra * rng.uniform(0.0, 0.8))
-            adc_t = adc_t * (1 - infra * rng.uniform(0.0, 0.25))
+            dwi_t = dwi_t * (1 + infra * rng.uniform(0.0, 0.7))
+            adc_t = adc_t * (1 - infra * rng.uniform(0.0, 0.15))
 
         # lesions (in parenchyma only; CSF keeps its signal)
         les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)

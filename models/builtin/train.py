@@ -52,13 +52,19 @@ def dice_loss_fn():
 
 
 @torch.no_grad()
-def validate(net, gen, n, device, amp):
+def validate(net, gen, n, device, amp, patch):
+    """Dice over ``n`` held-out synthetic volumes, with the app's sliding-window inference (``patch``
+    windows, overlap 0.25, gaussian): instance-norm statistics as in training and at inference."""
+    from monai.inferers import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(roi_size=tuple(patch), sw_batch_size=1, overlap=0.25, mode="gaussian",
+                                   padding_mode="constant", cval=0.0)
     net.eval()
     inter = tot = 0.0
     for i in range(n):
         x, y = gen.sample_one(VAL_SEED0 + i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            p = net(x[None].to(device)).float()
+            p = inferer(x[None].to(device), net).float()
         pr = (p > 0).float()
         inter += float((pr * y[None]).sum())
         tot += float(pr.sum() + y.sum())
@@ -236,7 +242,7 @@ def main(argv=None):
             _log(f"step {step}/{args.steps} loss {run_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                  f"{(step - s_loop) / max(el, 1e-9):.3f} steps/s elapsed {(time.time() - t0) / 60:.1f} min")
         if args.val_every and step % args.val_every == 0:
-            vd = validate(net, gen, args.val_n, device, amp)
+            vd = validate(net, gen, args.val_n, device, amp, patch)
             if vd > best["val_dice"]:
                 best = {"val_dice": vd, "step": step,
                         "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
@@ -247,7 +253,7 @@ def main(argv=None):
 
     # final validation, choose the weights (best synthetic validation Dice; real data never used)
     if args.val_every and step > 0:
-        vd = validate(net, gen, args.val_n, device, amp)
+        vd = validate(net, gen, args.val_n, device, amp, patch)
         _log(f"final synthetic validation Dice {vd:.4f}")
         if vd >= best["val_dice"]:
             best = {"val_dice": vd, "step": step,
