@@ -12,8 +12,10 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
 - negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
   ADC), susceptibility artefacts (bright rims at the brain edge, mostly inferior/frontal), plus the CSF;
-- degradation: partial-volume blur, thick slices (1-6 mm along a random axis, blur + down + upsampling),
-  Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, brain-mask edge variation;
+- degradation: partial-volume blur, thick slices (2.5-6 mm along a random axis, blur + down + upsampling),
+  Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, then in half the volumes
+  1-2 trilinear re-griddings under a small rigid motion (the interpolation blur of oblique or
+  anisotropic scans), brain-mask edge variation;
 - then ``transforms.normalize_channels_torch`` (the torch twin of what inference applies).
 
 Labels: the soft lesion map undergoes the same blur / slice degradation, thresholded at 0.5.
@@ -322,9 +324,9 @@ class SynthGenerator:
         stack = torch.stack([dwi, adc, les, brain_soft])[None]
         s_pv = rng.uniform(0.0, 0.5)
         stack = blur(stack, [s_pv] * 3)
-        if rng.random() < 0.3:
+        if rng.random() < 0.45:
             ax = rng.randrange(3)
-            k = rng.uniform(1.5, 3.0)  # 3-6 mm slices
+            k = rng.uniform(1.25, 3.0)  # 2.5-6 mm slices
             sig = [0.0, 0.0, 0.0]
             sig[ax] = 0.42 * k
             stack = blur(stack, sig)
@@ -333,11 +335,6 @@ class SynthGenerator:
             stack = F.interpolate(stack, size=small, mode="trilinear", align_corners=True)
             stack = F.interpolate(stack, size=self.fov, mode="trilinear", align_corners=True)
         dwi, adc, les, bsoft = stack[0]
-        label = (les > 0.5).float()
-
-        # brain mask with edge variation
-        edge = smooth_noise(gen, self.fov, (6, 7, 6), 1, dev)[0, 0] * rng.uniform(0.0, 0.15)
-        brain = (bsoft + edge) > rng.uniform(0.3, 0.6)
 
         # noise, bias, scale
         sd = rng.uniform(0.01, 0.12)
@@ -346,10 +343,31 @@ class SynthGenerator:
         adc = torch.clamp(adc + torch.randn(self.fov, generator=gen, device=dev) * rng.uniform(0.01, 0.08), min=0)
         bias = smooth_noise(gen, self.fov, (3, 3, 3), 1, dev)[0, 0] * rng.uniform(0.0, 0.3)
         dwi = dwi * torch.exp(bias) * (10 ** rng.uniform(0, 3))
+        if rng.random() < 0.5:  # re-gridding of the acquired (noisy) images: 1-2 trilinear resamplings
+            stack = torch.stack([dwi, adc, les, bsoft])[None]
+            for _ in range(rng.choice([1, 2])):
+                stack = self._regrid(rng, stack)
+            dwi, adc, les, bsoft = stack[0]
+        label = (les > 0.5).float()
+
+        # brain mask with edge variation
+        edge = smooth_noise(gen, self.fov, (6, 7, 6), 1, dev)[0, 0] * rng.uniform(0.0, 0.15)
+        brain = (bsoft + edge) > rng.uniform(0.3, 0.6)
 
         dwi_n, adc_n = normalize_channels_torch(dwi, adc, brain)
         label = label * brain.float()
         return torch.stack([dwi_n, adc_n]), label[None]
+
+    def _regrid(self, rng, stack):
+        """One trilinear resampling under a small random rigid motion (+-12 deg, sub-voxel shift): the
+        interpolation blur of oblique or anisotropic acquisitions brought to the model grid."""
+        rot = _rot([math.radians(rng.uniform(-12, 12)) for _ in range(3)])
+        theta = torch.zeros(1, 3, 4, device=self.device)
+        theta[0, :, :3] = torch.tensor(rot, dtype=torch.float32, device=self.device)
+        theta[0, :, 3] = torch.tensor([rng.uniform(-1, 1) / (n - 1) for n in reversed(self.fov)],
+                                      dtype=torch.float32, device=self.device)
+        grid = F.affine_grid(theta, list(stack.shape), align_corners=True)
+        return F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
     def batch(self, seed: int, n: int):
         """Batch of ``n`` volumes: x (n, 2, *FOV), y (n, 1, *FOV). Volume i uses seed ``seed * 1000 + i``."""
