@@ -21,7 +21,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     from models.builtin.network import build_network
-    from models.builtin.synth import SynthGenerator, random_crop
+    from models.builtin.synth import SynthGenerator
+    from models.builtin.transforms import random_crop
     from models.builtin.train import dice_loss_fn
 
     dev = torch.device(args.device)

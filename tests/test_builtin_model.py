@@ -14,8 +14,8 @@ pytest.importorskip("monai")
 
 from models.builtin import predictor as P  # noqa: E402
 from models.builtin.network import DEFAULT_HPARAMS, build_network, count_parameters  # noqa: E402
-from models.builtin.synth import SynthGenerator, random_crop  # noqa: E402
-from models.builtin.transforms import normalize_channels, normalize_channels_torch  # noqa: E402
+from models.builtin.synth import SynthGenerator  # noqa: E402
+from models.builtin.transforms import normalize_channels, normalize_channels_torch, random_crop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "bids_app" / "data" / "demo" / "isles22-sample"

@@ -76,7 +76,7 @@ class RealCases:
 
     def crop(self, seed: int):
         """One augmented crop: (x (2, *patch), y (1, *patch))."""
-        from .synth import random_crop
+        from .transforms import random_crop
 
         rng = random.Random(int(seed))
         x, y = self.volumes[rng.randrange(len(self.volumes))]

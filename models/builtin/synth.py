@@ -390,28 +390,3 @@ def _rot(ang):
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rx @ ry @ rz
-
-
-def random_crop(x, y, patch, seed: int, p_lesion=0.7):
-    """Crop ``patch`` (3 ints) from each volume of (x, y); centred on a lesion voxel with ``p_lesion``."""
-    rng = random.Random(int(seed))
-    fov = x.shape[2:]
-    if tuple(patch) == tuple(fov):
-        return x, y
-    xs, ys = [], []
-    for i in range(x.shape[0]):
-        pool = torch.nonzero(y[i, 0] > 0) if rng.random() < p_lesion else torch.empty(0)
-        if pool.numel() == 0:
-            pool = torch.nonzero(x[i, 1] > 0)
-        if pool.numel():
-            c = pool[int(rng.random() * pool.shape[0]) % pool.shape[0]].tolist()
-        else:
-            c = [n // 2 for n in fov]
-        sl = []
-        for ax in range(3):
-            c_ax = c[ax] + rng.randint(-patch[ax] // 4, patch[ax] // 4)
-            lo = min(max(0, c_ax - patch[ax] // 2), fov[ax] - patch[ax])
-            sl.append(slice(lo, lo + patch[ax]))
-        xs.append(x[(i, slice(None)) + tuple(sl)])
-        ys.append(y[(i, slice(None)) + tuple(sl)])
-    return torch.stack(xs), torch.stack(ys)

@@ -30,7 +30,8 @@ import torch
 from models.weights import sha256_file
 
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
-from .synth import SynthGenerator, random_crop
+from .synth import SynthGenerator
+from .transforms import random_crop
 
 VAL_SEED0 = 900_000_000  # validation volumes: seeds far from any training seed
 
