@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 
-def _entity(name: str, key: str) -> str | None:
-    for part in name.split("_"):
-        if part.startswith(key + "-"):
-            return part
-    return None
+def _key(path: Path) -> tuple:
+    """(subject, session) of a BIDS file name, parsed by pybids."""
+    from bids.layout import parse_file_entities
+
+    ent = parse_file_entities(str(path))
+    return ent.get("subject"), ent.get("session")
 
 
 def find_cases(root) -> list[dict]:
@@ -31,13 +32,14 @@ def find_cases(root) -> list[dict]:
     root = Path(root)
     masks = {}
     for m in sorted((root / "derivatives").rglob("*_msk.nii*")):
-        masks[(_entity(m.name, "sub"), _entity(m.name, "ses"))] = m
+        masks[_key(m)] = m
     cases = []
     for dwi in sorted(root.glob("sub-*/**/dwi/*_dwi.nii*")):
-        key = (_entity(dwi.name, "sub"), _entity(dwi.name, "ses"))
+        key = _key(dwi)
         adc = sorted(dwi.parent.glob(dwi.name.split("_dwi.nii")[0] + "_adc.nii*"))
         if adc and key in masks:
-            cases.append({"id": "_".join(k for k in key if k), "dwi": dwi, "adc": adc[0], "mask": masks[key]})
+            case_id = f"sub-{key[0]}" + (f"_ses-{key[1]}" if key[1] else "")
+            cases.append({"id": case_id, "dwi": dwi, "adc": adc[0], "mask": masks[key]})
     if not cases:
         raise FileNotFoundError(f"{root}: no case with *_dwi, *_adc and a derivatives/*_msk mask")
     return cases
