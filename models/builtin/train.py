@@ -217,7 +217,7 @@ def main(argv=None):
                 _log(f"schedule-by-time: {rate:.2f} steps/s -> steps {args.steps} -> {fit}")
                 args.steps = max(step + 1, fit)
         ss = step_seed(args.seed, step)
-        x, y = gen.batch(ss, max(1, args.batch // args.crops_per_volume))
+        x, y = gen.batch(ss, max(1, -(-args.batch // args.crops_per_volume)))  # ceil
         if args.crops_per_volume > 1:
             x = x.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
             y = y.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
