@@ -105,8 +105,10 @@ def _nipype_config(config: RunConfig) -> None:
     # (never from a possibly read-only or foreign ~/.nipype)
     cfg_dir = config.work_dir / ".nipype"
     cfg_dir.mkdir(parents=True, exist_ok=True)
-    with open(cfg_dir / "nipype.cfg", "w", encoding="utf-8") as handle:
+    part = cfg_dir / f"nipype.cfg.{os.getpid()}.part"
+    with open(part, "w", encoding="utf-8") as handle:
         ncfg._config.write(handle)
+    os.replace(part, cfg_dir / "nipype.cfg")
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 

@@ -13,7 +13,6 @@ from bids_app.segmentation_wf import init_segmentation_wf
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 
 
-
 def init_deepisles_wf(sessions: list[SessionInputs], config: RunConfig, members: list[str],
                       provenance: list[dict]):
     """All sessions of the run, each as an independent sub-workflow (one failure costs one session).

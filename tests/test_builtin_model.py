@@ -196,11 +196,17 @@ def test_temperature_calibration(tmp_path):
     x = np.random.default_rng(1).random((2, 24, 24, 24)).astype(np.float32)
     imgs = [nib.Nifti1Image(x[i], aff) for i in range(2)]
     p_cal = P.BuiltinPredictor(w).predict(*imgs)
-    meta["calibration"]["temperature"] = 1.0
-    (tmp_path / "w.json").write_text(json.dumps(meta))
-    p_raw = P.BuiltinPredictor(w).predict(*imgs)
-    assert np.array_equal(p_cal >= 0.5, p_raw >= 0.5)
-    assert not np.allclose(p_cal, p_raw) or abs(rec["temperature"] - 1.0) < 1e-3
+    assert P.BuiltinPredictor(w).temperature == rec["temperature"]
+
+    def predict_with(t):
+        meta["calibration"]["temperature"] = t
+        (tmp_path / "w.json").write_text(json.dumps(meta))
+        return P.BuiltinPredictor(w).predict(*imgs)
+
+    p_raw, p_hot = predict_with(1.0), predict_with(2.0)
+    assert np.array_equal(p_cal >= 0.5, p_raw >= 0.5) and np.array_equal(p_hot >= 0.5, p_raw >= 0.5)
+    off = np.abs(p_raw - 0.5) > 1e-3
+    assert off.any() and np.all(np.abs(p_hot - 0.5)[off] < np.abs(p_raw - 0.5)[off])  # T > 1 softens
     meta["calibration"]["temperature"] = 0.0
     (tmp_path / "w.json").write_text(json.dumps(meta))
     with pytest.raises(P.WeightsIntegrityError):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from bids_app.errors import WeightsError
-from models.weights import sha256_file
 from bids_app.group import run_group
 from bids_app.report.subject import build_subject_report
 from models import registry
 from models.builtin import predictor as bp
+from models.weights import sha256_file
 from nodes import segment as seg
 from nodes.load import LoadInputs
 from tests.datasets import sample_case, save
@@ -185,7 +185,7 @@ def _hostile_subject(tmp_path) -> tuple[Path, Path, dict]:
         f"total_volume_ml\tlesion_count\n{SCRIPT}\t{SVG}\n")
     figures = out / "sub-01" / "figures"
     figures.mkdir(parents=True)
-    (figures / f'sub-01_ses-1_zz9"><img src=x onerror=alert(1)>.png').write_bytes(b"\x89PNG")
+    (figures / 'sub-01_ses-1_zz9"><img src=x onerror=alert(1)>.png').write_bytes(b"\x89PNG")
     crash = out / "sub-01" / "log" / "20250101-000000_abcdef12"
     crash.mkdir(parents=True)
     (crash / "crash-20250101-000000-root-load-1.txt").write_text(

@@ -40,8 +40,6 @@ class WeightsIntegrityError(RuntimeError):
     """The weights file does not match the SHA-256 recorded in its sidecar."""
 
 
-
-
 @contextlib.contextmanager
 def _deterministic():
     prev = torch.are_deterministic_algorithms_enabled()

@@ -113,17 +113,12 @@ class SynthGenerator:
 
     # ------------------------------------------------------------------ anatomy
     def _warp_grid(self, rng: random.Random, gen):
-        ang = [math.radians(rng.uniform(-15, 15)) for _ in range(3)]
-        cx, cy, cz = (math.cos(a) for a in ang)
-        sx, sy, sz = (math.sin(a) for a in ang)
-        rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-        ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-        rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        rot = _rot([math.radians(rng.uniform(-15, 15)) for _ in range(3)])
         scale = np.diag([rng.uniform(1.02, 1.25) for _ in range(3)])  # atlas mm per output mm
         shear = np.eye(3)
         for i, j in ((0, 1), (0, 2), (1, 2)):
             shear[i, j] = rng.uniform(-0.06, 0.06)
-        a = rx @ ry @ rz @ shear @ scale
+        a = rot @ shear @ scale
         if rng.random() < 0.5:  # left-right flip
             a = a @ np.diag([-1.0, 1.0, 1.0])
         t = self.center_mm + np.array([rng.uniform(-8, 8) for _ in range(3)])
