@@ -23,13 +23,13 @@ def main():
     from models.builtin.network import build_network
     from models.builtin.synth import SynthGenerator
     from models.builtin.transforms import random_crop
-    from models.builtin.train import dice_loss_fn
+    from models.builtin.loss import LesionWeightedDiceCE
 
     dev = torch.device(args.device)
     gen = SynthGenerator(dev)
     net = build_network().to(dev)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    loss_fn = dice_loss_fn()
+    loss_fn = LesionWeightedDiceCE()
     tg = tt = 0.0
     for s in range(args.steps):
         t0 = time.time()

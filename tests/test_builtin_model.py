@@ -134,7 +134,7 @@ def test_postprocess_removes_small_components():
 def test_training_smoke_with_resume(tmp_path, monkeypatch):
     import models.builtin.train as T
 
-    monkeypatch.setattr(T, "SynthGenerator", lambda device: SynthGenerator(device, fov=SMALL_FOV))
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
     common = ["--out", str(tmp_path), "--batch", "1", "--device", "cpu", "--patch", "32", "32", "32",
               "--val-every", "1", "--val-n", "1", "--ckpt-every", "1", "--log-every", "1"]
     T.main(common + ["--steps", "1"])
@@ -227,7 +227,7 @@ def test_real_cases_crops_and_training_mix(tmp_path, monkeypatch):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].shape == (2, 32, 32, 32)
     assert sum(float(rc.crop(s)[1].sum()) > 0 for s in range(20)) >= 8  # mostly lesion-centred
 
-    monkeypatch.setattr(T, "SynthGenerator", lambda device: SynthGenerator(device, fov=SMALL_FOV))
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
     common = ["--batch", "2", "--device", "cpu", "--patch", "32", "32", "32", "--val-every", "0",
               "--ckpt-every", "5", "--log-every", "1", "--steps", "2", "--threads", "1"]
     m1 = T.main(common + ["--out", str(tmp_path / "a"), "--real-data", str(SAMPLE), "--real-fraction", "1"])

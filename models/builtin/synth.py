@@ -18,7 +18,8 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   anisotropic scans), brain-mask edge variation;
 - then ``transforms.normalize_channels_torch`` (the torch twin of what inference applies).
 
-Labels: the soft lesion map undergoes the same blur / slice degradation, thresholded at 0.5.
+Labels: the soft lesion map undergoes the same blur / slice degradation, then ``labels.LABEL_RULES``
+(``threshold``: > 0.5; ``visible``: also the core of small lesions still visible after degradation).
 Same ``seed`` -> same tensors (on the same device type).
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .labels import LABEL_RULES
 from .transforms import normalize_channels_torch
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +73,9 @@ def smooth_noise(gen, shape, ctrl, channels=1, device="cpu"):
 
 
 class SynthGenerator:
-    def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES):
+    def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold"):
         self.device = torch.device(device)
+        self.label_rule = LABEL_RULES[label_rule]
         self.fov = tuple(fov)
         d = np.load(atlas_path)
         self.atlas = torch.from_numpy(d["tissue"].astype(np.float32) / 255.0)[None].to(self.device)
@@ -301,6 +304,7 @@ class SynthGenerator:
 
         # lesions (in parenchyma only; CSF keeps its signal)
         les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)
+        fd = 1.0
         if float(les.max()) > 0:
             het = 1 + smooth_noise(gen, self.fov, (10, 12, 10), 2, dev)[0] * rng.uniform(0.0, 0.25)
             fd = rng.uniform(1.25, 3.5)
@@ -343,7 +347,7 @@ class SynthGenerator:
             for _ in range(rng.choice([1, 2])):
                 stack = self._regrid(rng, stack)
             dwi, adc, les, bsoft = stack[0]
-        label = (les > 0.5).float()
+        label = self.label_rule(les, dwi_excess=fd - 1.0)
 
         # brain mask with edge variation
         edge = smooth_noise(gen, self.fov, (6, 7, 6), 1, dev)[0, 0] * rng.uniform(0.0, 0.15)

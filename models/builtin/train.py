@@ -29,6 +29,7 @@ import torch
 
 from models.weights import sha256_file
 
+from .loss import LesionWeightedDiceCE
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import SynthGenerator
 from .transforms import random_crop
@@ -46,22 +47,20 @@ def step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step)) % (2 ** 40)
 
 
-def dice_loss_fn():
-    from monai.losses import DiceCELoss
-
-    return DiceCELoss(sigmoid=True, batch=True, smooth_nr=1e-4, smooth_dr=1e-4, lambda_dice=1.0, lambda_ce=1.0)
-
-
 @torch.no_grad()
 def validate(net, gen, n, device, amp, patch):
-    """Dice over ``n`` held-out synthetic volumes, with the app's sliding-window inference (``patch``
-    windows, overlap 0.25, gaussian): instance-norm statistics as in training and at inference."""
+    """Pooled Dice and lesion-wise F1 (26-connectivity, pooled TP/FP/FN) over ``n`` held-out synthetic
+    volumes, with the app's sliding-window inference (``patch`` windows, overlap 0.25, gaussian):
+    instance-norm statistics as in training and at inference."""
     from monai.inferers import SlidingWindowInferer
+
+    from .metrics import lesion_metrics
 
     inferer = SlidingWindowInferer(roi_size=tuple(patch), sw_batch_size=1, overlap=0.25, mode="gaussian",
                                    padding_mode="constant", cval=0.0)
     net.eval()
     inter = tot = 0.0
+    tp = fp = fn = 0
     for i in range(n):
         x, y = gen.sample_one(VAL_SEED0 + i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -69,8 +68,17 @@ def validate(net, gen, n, device, amp, patch):
         pr = (p > 0).float()
         inter += float((pr * y[None]).sum())
         tot += float(pr.sum() + y.sum())
+        m = lesion_metrics(pr[0, 0].cpu().numpy(), y[0].cpu().numpy(), 0.008)
+        tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
     net.train()
-    return 2 * inter / tot if tot else 1.0
+    dice = 2 * inter / tot if tot else 1.0
+    f1 = tp / (tp + 0.5 * (fp + fn)) if (tp + fp + fn) else 1.0
+    return {"dice": dice, "lesion_f1": f1}
+
+
+def selection_score(val: dict, rule: str) -> float:
+    """``dice``: pooled Dice (releases 1-2); ``dice_f1``: mean of pooled Dice and lesion-wise F1."""
+    return val["dice"] if rule == "dice" else 0.5 * (val["dice"] + val["lesion_f1"])
 
 
 def eval_real(state_dict, hparams, bids_path, device="cpu", roi=None):
@@ -125,6 +133,12 @@ def main(argv=None):
     ap.add_argument("--real-data", default=None,
                     help="labelled ISLES-style BIDS folder mixed into training (never for the shipped weights)")
     ap.add_argument("--real-fraction", type=float, default=0.25, help="with --real-data: share of real crops")
+    ap.add_argument("--label-rule", default="threshold", choices=["threshold", "visible"],
+                    help="generator labels (models/builtin/labels.py)")
+    ap.add_argument("--small-lesion-weight", type=float, default=1.0,
+                    help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
+    ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
+                    help="synthetic-validation score that picks the saved weights")
     args = ap.parse_args(argv)
     t0 = time.time()
 
@@ -147,7 +161,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     hp = copy.deepcopy(DEFAULT_HPARAMS)
     net = build_network(hp).to(device)
-    gen = SynthGenerator(device)
+    gen = SynthGenerator(device, label_rule=args.label_rule)
     patch = patch or gen.fov
     if args.init:
         net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
@@ -167,7 +181,7 @@ def main(argv=None):
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, args.steps - warm))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    loss_fn = dice_loss_fn()
+    loss_fn = LesionWeightedDiceCE(args.small_lesion_weight)
     step = 0
     best = {"val_dice": -1.0, "step": 0, "state": None}
     if args.resume and ckpt_path.exists():
@@ -243,21 +257,24 @@ def main(argv=None):
             _log(f"step {step}/{args.steps} loss {run_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                  f"{(step - s_loop) / max(el, 1e-9):.3f} steps/s elapsed {(time.time() - t0) / 60:.1f} min")
         if args.val_every and step % args.val_every == 0:
-            vd = validate(net, gen, args.val_n, device, amp, patch)
+            vm = validate(net, gen, args.val_n, device, amp, patch)
+            vd = selection_score(vm, args.select)
             if vd > best["val_dice"]:
-                best = {"val_dice": vd, "step": step,
+                best = {"val_dice": vd, "step": step, "val": vm,
                         "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
-            _log(f"step {step} synthetic validation Dice {vd:.4f} (best {best['val_dice']:.4f} @ {best['step']})")
+            _log(f"step {step} synthetic validation Dice {vm['dice']:.4f} lesion F1 {vm['lesion_f1']:.4f} "
+                 f"score {vd:.4f} (best {best['val_dice']:.4f} @ {best['step']})")
         if step % args.ckpt_every == 0:
             save_ckpt()
     save_ckpt()
 
     # final validation, choose the weights (best synthetic validation Dice; real data never used)
     if args.val_every and step > 0:
-        vd = validate(net, gen, args.val_n, device, amp, patch)
-        _log(f"final synthetic validation Dice {vd:.4f}")
+        vm = validate(net, gen, args.val_n, device, amp, patch)
+        vd = selection_score(vm, args.select)
+        _log(f"final synthetic validation Dice {vm['dice']:.4f} lesion F1 {vm['lesion_f1']:.4f} score {vd:.4f}")
         if vd >= best["val_dice"]:
-            best = {"val_dice": vd, "step": step,
+            best = {"val_dice": vd, "step": step, "val": vm,
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     state = best["state"] if best["state"] is not None else {k: v.detach().cpu() for k, v in net.state_dict().items()}
     state = {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
@@ -275,7 +292,11 @@ def main(argv=None):
         "steps_planned": args.steps,
         "stopped_by_time_budget": stopped_early,
         "selected_step": best["step"],
-        "synthetic_val_dice": best["val_dice"],
+        "synthetic_val_dice": best["val_dice"] if args.select == "dice" else best.get("val", {}).get("dice"),
+        "synthetic_val": best.get("val"),
+        "selection": args.select,
+        "label_rule": args.label_rule,
+        "small_lesion_weight": args.small_lesion_weight,
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
         "patch": list(patch),
