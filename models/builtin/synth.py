@@ -11,7 +11,8 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   and clusters of tiny emboli, from one 2 mm voxel to territorial (> 50 ml), bright on DWI and dark on
   ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
 - negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
-  ADC), susceptibility artefacts (bright rims at the brain edge, mostly inferior/frontal), plus the CSF;
+  ADC), susceptibility artefacts (bright rims at the brain edge, mostly inferior/frontal), low-ADC
+  patches without bright trace (short-T2 tissue), plus the CSF;
 - degradation: partial-volume blur, thick slices (2.5-6 mm along a random axis, blur + down + upsampling),
   Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, then in half the volumes
   1-2 trilinear re-griddings under a small rigid motion (the interpolation blur of oblique or
@@ -265,6 +266,15 @@ class SynthGenerator:
             rim = blur((rim * loc)[None, None], [rng.uniform(0.3, 1.2)] * 3)[0, 0]
             dwi.mul_(1 + rim * rng.uniform(1.0, 4.0))
             adc.mul_(1 + rim * rng.uniform(-0.3, 0.5))
+        if cand.shape[0] and rng.random() < 0.5:  # low ADC WITHOUT bright trace (short-T2 tissue such as
+            # iron-rich deep grey nuclei, tract anisotropy): a low ADC alone is not a lesion
+            f = torch.zeros(self.fov, device=self.device)
+            for _ in range(rng.randint(1, 8)):
+                r0 = math.exp(rng.uniform(math.log(0.6), math.log(6.0)))
+                self._ellipsoid(rng, gen, f, self._centre(rng, cand),
+                                [r0 * rng.uniform(0.6, 1.4) for _ in range(3)], rng.uniform(0.03, 0.2), 0.2)
+            adc.mul_(1 - f * rng.uniform(0.15, 0.4))
+            dwi.mul_(1 + f * rng.uniform(-0.1, 0.12))
 
     # ------------------------------------------------------------------ one volume
     @torch.no_grad()

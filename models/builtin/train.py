@@ -9,6 +9,11 @@ and ``--resume`` continues from it. Validation uses held-out SYNTHETIC volumes (
 training). At the end ``DIR/builtin_v1.pt`` (state_dict only, best synthetic-validation weights) and
 ``DIR/builtin_v1.json`` (hyper-parameters, command, seed, steps, SHA-256) are written.
 ``--eval-real`` reports metrics on a real case for information only (never used for selection).
+
+Options of release 3: ``--label-rule visible`` (``labels.py``: small lesions still visible after the
+generator's degradation keep a label), ``--small-lesion-weight W`` (``loss.py``: cross-entropy weight up
+to W on small lesions) and ``--select dice_f1`` (the saved weights maximise the mean of synthetic Dice
+and lesion-wise F1). Defaults reproduce the release-2 recipe.
 """
 
 from __future__ import annotations
