@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, default=0.5, help="lesion probability threshold")
     m.add_argument("--min-lesion-ml", type=float, default=None,
                    help="remove lesion components smaller than this (ml)")
+    m.add_argument("--contrast-check", choices=("auto", "on", "off"), default="auto",
+                   help="remove lesion components that are not brighter on the trace and darker on the "
+                        "ADC than the tissue around them (auto: the model's recommendation)")
     o = p.add_argument_group("other")
     o.add_argument("--stop-on-first-crash", action="store_true")
     o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")
@@ -137,7 +140,7 @@ def parse_config(argv) -> RunConfig:
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
         weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
         skull_strip=args.skull_strip,
-        threshold=args.threshold, min_lesion_ml=args.min_lesion_ml,
+        threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, contrast_check=args.contrast_check,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
         command_line=shlex.join([APP_NAME, *argv]),

@@ -6,8 +6,10 @@ the flag nipype's MultiProc reads (``Node.is_gpu_node``) to count this node agai
 ``n_gpu_procs``; set it with :func:`wants_gpu` when the workflow is built.
 
 Post-processing is done here, the same for every member: ``mask = prob >= threshold``, then
-26-connected components smaller than ``min_lesion_ml`` are removed (the probability map is kept
-as the member returned it, clipped to [0, 1]).
+26-connected components smaller than ``min_lesion_ml`` are removed, then, when the contrast check is on
+(``contrast_check``; ``auto`` = the member's recommendation), components that are not brighter on the
+trace and darker on the ADC than the tissue around them (``models/contrast_filter.py``). The
+probability map is kept as the member returned it, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from nipype.interfaces.base import File, isdefined, traits
 
 from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
+from models.contrast_filter import contrast_filter
 from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
@@ -117,6 +120,9 @@ class _SegmentInputSpec(DecisionInputSpec):
     threshold = traits.Range(0.0, 1.0, 0.5, usedefault=True, desc="lesion where probability >= threshold")
     min_lesion_ml = traits.Float(desc="drop components smaller than this (ml); default: the member's "
                                       "recommendation, else 0")
+    contrast_check = traits.Enum("auto", "on", "off", usedefault=True,
+                                 desc="drop components without bright trace and low ADC against the "
+                                      "tissue around them; auto = the member's recommendation")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -209,6 +215,10 @@ class SegmentLesions(DecisionInterface):
         min_vox = int(np.ceil(min_ml / voxel_ml - 1e-9)) if min_ml > 0 else 0
         threshold = float(self.inputs.threshold)
         mask, removed = postprocess(prob, threshold, min_vox)
+        check = self.inputs.contrast_check
+        if check == "auto":
+            check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
+        n_failed = self._contrast_check(mask, check)
 
         cwd = Path(runtime.cwd)
         prob_file = save_nifti_atomic(new_image(prob, ref, dtype=np.float32), cwd / f"{member}_prob.nii.gz")
@@ -234,6 +244,7 @@ class SegmentLesions(DecisionInterface):
             "member": member, "device": device, "device_requested": self.inputs.device,
             "num_threads": threads, "tta": bool(self.inputs.tta), "seed": int(self.inputs.seed),
             "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
+            "contrast_check": check, "components_failing_contrast_check": n_failed,
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
             "lesion_voxels": n_vox, "lesion_ml": round(n_vox * voxel_ml, 4),
@@ -242,6 +253,23 @@ class SegmentLesions(DecisionInterface):
         self._results.update(prob_file=str(prob_file), mask_file=str(mask_file), member=member,
                              weights_sha256=sha_text, device=device)
         return runtime
+
+    def _contrast_check(self, mask, check) -> int:
+        """Apply ``contrast_filter`` in place (trace and ADC from the inputs); number of components removed."""
+        if check != "on" or not mask.any():
+            return 0
+        if not (isdefined(self.inputs.trace_file) and isdefined(self.inputs.adc_file)):
+            raise UsageError("the contrast check needs the trace and ADC images (trace_file, adc_file)")
+        trace = np.asarray(nib.load(self.inputs.trace_file).dataobj, dtype=np.float32)
+        adc = np.asarray(nib.load(self.inputs.adc_file).dataobj, dtype=np.float32)
+        brain = (np.asarray(nib.load(self.inputs.brain_mask_file).dataobj) > 0
+                 if isdefined(self.inputs.brain_mask_file) else trace > 0)
+        kept, rows = contrast_filter(mask, trace, adc, brain)
+        n_failed = sum(not r["kept"] for r in rows)
+        mask[...] = kept
+        self.decide(f"Contrast check: {n_failed} of {len(rows)} component(s) removed (not brighter on the "
+                    "trace by 25 % and darker on the ADC by 5 % than the tissue around them).")
+        return n_failed
 
     def _check_prob(self, prob, shape) -> np.ndarray:
         prob = np.asarray(prob, dtype=np.float32)

@@ -63,6 +63,9 @@ def test_labels_split_and_options(tmp_path):
     assert cfg.mem_gb == pytest.approx(3000 / 1024)
     assert cfg.models == ["builtin"] and cfg.verbose == 2
     assert cfg.work_dir == tmp_path / "w"
+    assert cfg.contrast_check == "auto"
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--contrast-check", "on"])
+    assert cfg.contrast_check == "on"
 
 
 def test_config_file_gives_defaults(tmp_path):

@@ -122,6 +122,31 @@ def test_min_lesion_ml_and_step_name(tmp_path, inputs, standin):
     assert (rdir / "segment_standin.json").is_file()
 
 
+def test_contrast_check_on_off_auto(tmp_path, inputs, standin):
+    # a third component the stand-in finds (DWI > 2, ADC < 0.6) although the raw trace is not brighter
+    # than the tissue around it: only the contrast check removes it
+    dwi, adc = nib.load(inputs["dwi"]).get_fdata(), nib.load(inputs["adc"]).get_fdata()
+    trace = dwi * 100.0
+    dwi[12:15, 3:6, 2:5], adc[12:15, 3:6, 2:5] = 3.0, 0.4
+    for name, data in (("dwi", dwi), ("adc", adc), ("trace", trace)):
+        nib.save(nib.Nifti1Image(data.astype(np.float32), AFFINE), tmp_path / f"{name}3.nii.gz")
+    files = {"dwi": tmp_path / "dwi3.nii.gz", "adc": tmp_path / "adc3.nii.gz"}
+    raw = {"trace_file": str(tmp_path / "trace3.nii.gz"), "adc_file": str(tmp_path / "adc3.nii.gz")}
+
+    def voxels(out):
+        return int(np.asanyarray(nib.load(out.mask_file).dataobj).sum())
+
+    assert voxels(_run(tmp_path, files, sub="off", contrast_check="off", **raw)) == 101 + 27
+    on = _run(tmp_path, files, sub="on", contrast_check="on", **raw)
+    assert voxels(on) == 101 and on.decisions["values"]["components_failing_contrast_check"] == 1
+    auto = _run(tmp_path, files, sub="auto", **raw)  # the stand-in recommends nothing: off
+    assert voxels(auto) == 128 and auto.decisions["values"]["contrast_check"] == "off"
+    S.get_predictor("standin", None, "cpu").recommended_contrast_check = True
+    assert voxels(_run(tmp_path, files, sub="auto2", **raw)) == 101
+    with pytest.raises(UsageError, match="trace and ADC"):
+        _run(tmp_path, files, sub="noraw", contrast_check="on")
+
+
 def test_threshold_above_probability_gives_empty_mask_with_warning(tmp_path, inputs, standin):
     out = _run(tmp_path, inputs, threshold=0.95)
     assert not np.asanyarray(nib.load(out.mask_file).dataobj).any()

@@ -1,0 +1,48 @@
+"""Contrast check of predicted lesion components (diffusion restriction, radiological definition).
+
+An acute ischaemic lesion is brighter than the tissue around it on the b~1000 trace and darker on the
+ADC. ``contrast_filter`` keeps a 26-connected component of the mask only when, against a shell of
+brain tissue ``shell`` voxels around it (other predicted voxels excluded, medians):
+
+- trace (``q``-th percentile of the component, default 75) / shell trace >= ``min_dwi_ratio``
+  (default 1.25, the faintest lesion the built-in model's generator makes: DWI x1.25), and
+- ADC (``100 - q``-th percentile) / shell ADC <= ``max_adc_ratio`` (default 0.95; generated lesions
+  have rADC <= 0.9 before partial volume).
+
+Ratios are unit-free, so the raw or normalised images give the same decision. Components without a
+usable shell (e.g. the whole brain) are kept. Returns ``(mask, rows)`` with one row per component:
+``size``, ``dwi_ratio``, ``adc_ratio``, ``kept``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = 1.25, max_adc_ratio: float = 0.95,
+                    shell: int = 2, q: float = 75.0):
+    mask = np.asarray(mask) > 0
+    dwi = np.asarray(dwi, dtype=np.float64)
+    adc = np.asarray(adc, dtype=np.float64)
+    brain = np.asarray(brain) > 0
+    lab, n = ndimage.label(mask, structure=STRUCTURE_26)
+    out = mask.copy()
+    rows = []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        box = tuple(slice(max(0, s.start - shell), s.stop + shell) for s in sl)
+        comp = lab[box] == i
+        ring = ndimage.binary_dilation(comp, STRUCTURE_26, iterations=shell) & ~mask[box] & brain[box]
+        row = {"size": int(comp.sum()), "dwi_ratio": None, "adc_ratio": None, "kept": True}
+        d_ref = float(np.median(dwi[box][ring])) if ring.any() else 0.0
+        a_ref = float(np.median(adc[box][ring])) if ring.any() else 0.0
+        if d_ref > 0 and a_ref > 0:
+            row["dwi_ratio"] = float(np.percentile(dwi[box][comp], q) / d_ref)
+            row["adc_ratio"] = float(np.percentile(adc[box][comp], 100.0 - q) / a_ref)
+            row["kept"] = row["dwi_ratio"] >= min_dwi_ratio and row["adc_ratio"] <= max_adc_ratio
+            if not row["kept"]:
+                out[box][comp] = False
+        rows.append(row)
+    return out.astype(np.uint8), rows
