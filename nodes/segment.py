@@ -258,10 +258,13 @@ class SegmentLesions(DecisionInterface):
         """Apply ``contrast_filter`` in place (trace and ADC from the inputs); number of components removed."""
         if check != "on" or not mask.any():
             return 0
-        if not (isdefined(self.inputs.trace_file) and isdefined(self.inputs.adc_file)):
+        pairs = [(self.inputs.trace_file, self.inputs.adc_file),  # ratios: raw or normalised alike
+                 (self.inputs.dwi_norm_file, self.inputs.adc_norm_file)]
+        pairs = [p for p in pairs if isdefined(p[0]) and isdefined(p[1])]
+        if not pairs:
             raise UsageError("the contrast check needs the trace and ADC images (trace_file, adc_file)")
-        trace = np.asarray(nib.load(self.inputs.trace_file).dataobj, dtype=np.float32)
-        adc = np.asarray(nib.load(self.inputs.adc_file).dataobj, dtype=np.float32)
+        trace = np.asarray(nib.load(pairs[0][0]).dataobj, dtype=np.float32)
+        adc = np.asarray(nib.load(pairs[0][1]).dataobj, dtype=np.float32)
         brain = (np.asarray(nib.load(self.inputs.brain_mask_file).dataobj) > 0
                  if isdefined(self.inputs.brain_mask_file) else trace > 0)
         kept, rows = contrast_filter(mask, trace, adc, brain)

@@ -160,16 +160,19 @@ def test_shipped_model_finds_lesion_on_real_sample():
     msk_f = next(SAMPLE.glob("derivatives/sub-*/ses-*/*_msk.nii.gz"))
     dwi, adc = nib.load(str(dwi_f)), nib.load(str(adc_f))
     dn, an = P.normalize_images(dwi, adc, np.asarray(dwi.dataobj) > 0)
-    prob = P.BuiltinPredictor().predict(dn, an)
+    predictor = P.BuiltinPredictor()
+    assert predictor.recommended_contrast_check is True  # release 3's sidecar recommends it
+    prob = predictor.predict(dn, an)
     assert prob.shape == dwi.shape
     m = lesion_metrics(prob > 0.5, np.asarray(nib.load(str(msk_f)).dataobj) > 0, 0.008)
-    assert m["dice"] >= DICE_FLOOR and m["tp"] >= 1, m
+    assert m["dice"] >= DICE_FLOOR and m["tp"] >= TP_FLOOR, m
 
 
-# Measured with the shipped weights (sha256 85fd2517...): Dice 0.408, 4 of 18 GT lesions found (see
-# MODEL_CARD.md). The floor guards against regressions (broken orientation, units, weights); the
-# previous release scored 0.148.
+# Measured with the shipped weights (release 3, sha256 65bedcd8...): Dice 0.344, 7 of 18 GT lesions
+# found without the contrast check (see MODEL_CARD.md). The floors guard against regressions (broken
+# orientation, units, weights); release 2 scored 0.408 with 4 lesions found, release 1 0.148 with 3.
 DICE_FLOOR = 0.30
+TP_FLOOR = 5
 
 
 def test_temperature_calibration(tmp_path):
