@@ -273,7 +273,7 @@ def main(argv=None):
             save_ckpt()
     save_ckpt()
 
-    # final validation, choose the weights (best synthetic validation Dice; real data never used)
+    # final validation, choose the weights (best synthetic --select score; real data never used)
     if args.val_every and step > 0:
         vm = validate(net, gen, args.val_n, device, amp, patch)
         vd = selection_score(vm, args.select)
