@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+from models.postprocess import STRUCTURE_26
 
 
 def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = 1.25, max_adc_ratio: float = 0.95,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+from models.postprocess import STRUCTURE_26
 
 
 def lesion_size_weights(y: torch.Tensor, max_weight: float, ref_voxels: float = 64.0) -> torch.Tensor:
