@@ -9,7 +9,8 @@ brain tissue ``shell`` voxels around it (other predicted voxels excluded, median
 - ADC (``100 - q``-th percentile) / shell ADC <= ``max_adc_ratio`` (default 0.95; generated lesions
   have rADC <= 0.9 before partial volume).
 
-Ratios are unit-free, so the raw or normalised images give the same decision. Components without a
+Ratios are unit-free (ADC in any unit, trace at any scale); the app's normalised channels (clipped,
+zero outside the brain) give nearly the same ratios and are used when the raw pair is absent. Components without a
 usable shell (e.g. the whole brain) are kept. Returns ``(mask, rows)`` with one row per component:
 ``size``, ``dwi_ratio``, ``adc_ratio``, ``kept``.
 """
@@ -21,14 +22,17 @@ from scipy import ndimage
 
 from models.postprocess import STRUCTURE_26
 
+MIN_DWI_RATIO = 1.25
+MAX_ADC_RATIO = 0.95
 
-def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = 1.25, max_adc_ratio: float = 0.95,
-                    shell: int = 2, q: float = 75.0):
+
+def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = MIN_DWI_RATIO,
+                    max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, q: float = 75.0):
     mask = np.asarray(mask) > 0
     dwi = np.asarray(dwi, dtype=np.float64)
     adc = np.asarray(adc, dtype=np.float64)
     brain = np.asarray(brain) > 0
-    lab, n = ndimage.label(mask, structure=STRUCTURE_26)
+    lab, _ = ndimage.label(mask, structure=STRUCTURE_26)
     out = mask.copy()
     rows = []
     for i, sl in enumerate(ndimage.find_objects(lab), start=1):
@@ -36,11 +40,11 @@ def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = 1.25, max_adc_
         comp = lab[box] == i
         ring = ndimage.binary_dilation(comp, STRUCTURE_26, iterations=shell) & ~mask[box] & brain[box]
         row = {"size": int(comp.sum()), "dwi_ratio": None, "adc_ratio": None, "kept": True}
-        d_ref = float(np.median(dwi[box][ring])) if ring.any() else 0.0
-        a_ref = float(np.median(adc[box][ring])) if ring.any() else 0.0
+        d, a = dwi[box], adc[box]
+        d_ref, a_ref = (float(np.median(d[ring])), float(np.median(a[ring]))) if ring.any() else (0.0, 0.0)
         if d_ref > 0 and a_ref > 0:
-            row["dwi_ratio"] = float(np.percentile(dwi[box][comp], q) / d_ref)
-            row["adc_ratio"] = float(np.percentile(adc[box][comp], 100.0 - q) / a_ref)
+            row["dwi_ratio"] = float(np.percentile(d[comp], q) / d_ref)
+            row["adc_ratio"] = float(np.percentile(a[comp], 100.0 - q) / a_ref)
             row["kept"] = row["dwi_ratio"] >= min_dwi_ratio and row["adc_ratio"] <= max_adc_ratio
             if not row["kept"]:
                 out[box][comp] = False

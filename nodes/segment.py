@@ -23,7 +23,7 @@ from nipype.interfaces.base import File, isdefined, traits
 
 from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
-from models.contrast_filter import contrast_filter
+from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
 from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
@@ -203,6 +203,7 @@ class SegmentLesions(DecisionInterface):
         t_pred = time.perf_counter() - t1
 
         prob = self._check_prob(prob, ref.shape)
+        brain = None
         if isdefined(self.inputs.brain_mask_file):
             brain = np.asarray(nib.load(self.inputs.brain_mask_file).dataobj) > 0
             prob = np.where(brain, prob, np.float32(0.0)).astype(np.float32)
@@ -218,7 +219,7 @@ class SegmentLesions(DecisionInterface):
         check = self.inputs.contrast_check
         if check == "auto":
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
-        n_failed = self._contrast_check(mask, check)
+        n_failed = self._contrast_check(mask, check, brain)
 
         cwd = Path(runtime.cwd)
         prob_file = save_nifti_atomic(new_image(prob, ref, dtype=np.float32), cwd / f"{member}_prob.nii.gz")
@@ -254,8 +255,9 @@ class SegmentLesions(DecisionInterface):
                              weights_sha256=sha_text, device=device)
         return runtime
 
-    def _contrast_check(self, mask, check) -> int:
-        """Apply ``contrast_filter`` in place (trace and ADC from the inputs); number of components removed."""
+    def _contrast_check(self, mask, check, brain) -> int:
+        """Apply ``contrast_filter`` in place (trace and ADC from the inputs, else the normalised pair);
+        number of components removed."""
         if check != "on" or not mask.any():
             return 0
         pairs = [(self.inputs.trace_file, self.inputs.adc_file),  # ratios: raw or normalised alike
@@ -265,13 +267,11 @@ class SegmentLesions(DecisionInterface):
             raise UsageError("the contrast check needs the trace and ADC images (trace_file, adc_file)")
         trace = np.asarray(nib.load(pairs[0][0]).dataobj, dtype=np.float32)
         adc = np.asarray(nib.load(pairs[0][1]).dataobj, dtype=np.float32)
-        brain = (np.asarray(nib.load(self.inputs.brain_mask_file).dataobj) > 0
-                 if isdefined(self.inputs.brain_mask_file) else trace > 0)
-        kept, rows = contrast_filter(mask, trace, adc, brain)
+        kept, rows = contrast_filter(mask, trace, adc, trace > 0 if brain is None else brain)
         n_failed = sum(not r["kept"] for r in rows)
         mask[...] = kept
-        self.decide(f"Contrast check: {n_failed} of {len(rows)} component(s) removed (not brighter on the "
-                    "trace by 25 % and darker on the ADC by 5 % than the tissue around them).")
+        self.decide(f"Contrast check: {n_failed} of {len(rows)} component(s) removed (trace under "
+                    f"{MIN_DWI_RATIO:g} x or ADC over {MAX_ADC_RATIO:g} x the tissue around them).")
         return n_failed
 
     def _check_prob(self, prob, shape) -> np.ndarray:

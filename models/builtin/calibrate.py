@@ -69,8 +69,8 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
 
     weights = Path(weights)
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    label_rule = json.loads(weights.with_suffix(".json").read_text()).get("label_rule", "threshold")
-    gen = generator or SynthGenerator("cpu", label_rule=label_rule)  # the labels the weights were trained on
+    # labels by the rule the weights were trained with
+    gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"))
     logit, label = synthetic_logits(pred, gen, n)
     t = fit_temperature(logit, label)
     p1, pt = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit / t))

@@ -141,6 +141,7 @@ class BuiltinPredictor:
                 raise WeightsIntegrityError(
                     f"{self.weights}: refused to load: not a plain weights file readable with "
                     f"weights_only=True ({type(exc).__name__}: {first})") from None
+        self.meta = meta  # the sidecar (empty for an in-memory state dict)
         # probability calibration (models/builtin/calibrate.py): sigmoid(logit / T); T=1 when absent
         self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
         if not (0.01 <= self.temperature <= 100.0):

@@ -46,8 +46,6 @@ def _log(msg):
     print(f"[builtin-train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-
-
 def step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step)) % (2 ** 40)
 
@@ -297,7 +295,7 @@ def main(argv=None):
         "steps_planned": args.steps,
         "stopped_by_time_budget": stopped_early,
         "selected_step": best["step"],
-        "synthetic_val_dice": best["val_dice"] if args.select == "dice" else best.get("val", {}).get("dice"),
+        "synthetic_val_dice": (best.get("val") or {}).get("dice"),
         "synthetic_val": best.get("val"),
         "selection": args.select,
         "label_rule": args.label_rule,
