@@ -11,7 +11,8 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   and clusters of tiny emboli, from one 2 mm voxel to territorial (> 50 ml), bright on DWI and dark on
   ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
 - negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
-  ADC), susceptibility artefacts (bright rims at the brain edge, mostly inferior/frontal), low-ADC
+  ADC), susceptibility pile-up (``artefacts.py``: a bright band a few mm under the brain surface at
+  the frontal, temporal or occipital poles, often bilateral), low-ADC
   patches without bright trace (short-T2 tissue), plus the CSF;
 - degradation: partial-volume blur, thick slices (2.5-6 mm along a random axis, blur + down + upsampling),
   Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, then in half the volumes
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .artefacts import susceptibility_pileup
+from .fields import blur, smooth_noise
 from .labels import LABEL_RULES
 from .transforms import normalize_channels_torch
 
@@ -42,35 +45,6 @@ ATLAS = HERE / "atlas" / "mni152_tissue_1p5mm.npz"
 SHAPES = HERE / "shapes"
 FOV = (88, 104, 88)  # 176 x 208 x 176 mm at 2 mm
 VOXEL_MM = 2.0
-
-
-def _gauss_kernel(sigma: float, device):
-    r = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / max(sigma, 1e-3)) ** 2)
-    return k / k.sum()
-
-
-def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
-    """Separable Gaussian blur of ``x`` (N, C, D, H, W) with per-axis sigma in voxels (0 = none)."""
-    n, c = x.shape[:2]
-    for ax, s in enumerate(sigmas):
-        if s <= 0.05:
-            continue
-        k = _gauss_kernel(float(s), x.device)
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + ax] = k.numel()
-        w = k.view(shape).repeat(c, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = k.numel() // 2
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), w, groups=c)
-    return x
-
-
-def smooth_noise(gen, shape, ctrl, channels=1, device="cpu"):
-    """Smooth random field (1, C, *shape): Gaussian noise on a coarse ``ctrl`` grid, upsampled."""
-    z = torch.randn((1, channels) + tuple(ctrl), generator=gen, device=device)
-    return F.interpolate(z, size=tuple(shape), mode="trilinear", align_corners=True)
 
 
 class SynthGenerator:
@@ -254,18 +228,8 @@ class SynthGenerator:
                                 [r0 * rng.uniform(0.6, 1.4) for _ in range(3)], rng.uniform(0.03, 0.2), 0.2)
             dwi.mul_(1 + f * rng.uniform(0.3, 2.0))
             adc.mul_(1 + f * rng.uniform(-0.05, 0.3))
-        if rng.random() < 0.4:  # susceptibility artefact: bright rim at the brain edge
-            inner = F.avg_pool3d(brain_soft[None, None], 5, 1, 2)[0, 0]
-            rim = torch.clamp(brain_soft - inner, 0, 1) * 3
-            rim = torch.clamp(rim, 0, 1)
-            # localise: inferior and/or frontal region
-            z = self.vox[2] / (self.fov[2] - 1)
-            y = self.vox[1] / (self.fov[1] - 1)
-            zc, yc = rng.uniform(0.05, 0.5), rng.uniform(0.4, 1.0)
-            loc = torch.exp(-((z - zc) ** 2 + (y - yc) ** 2) / (2 * rng.uniform(0.08, 0.2) ** 2))
-            rim = blur((rim * loc)[None, None], [rng.uniform(0.3, 1.2)] * 3)[0, 0]
-            dwi.mul_(1 + rim * rng.uniform(1.0, 4.0))
-            adc.mul_(1 + rim * rng.uniform(-0.3, 0.5))
+        if rng.random() < 0.6:  # susceptibility pile-up: bright band under the brain surface
+            susceptibility_pileup(rng, brain_soft, self.vox, dwi, adc)
         if cand.shape[0] and rng.random() < 0.5:  # low ADC WITHOUT bright trace (short-T2 tissue such as
             # iron-rich deep grey nuclei, tract anisotropy): a low ADC alone is not a lesion
             f = torch.zeros(self.fov, device=self.device)
