@@ -219,7 +219,7 @@ class SegmentLesions(DecisionInterface):
         check = self.inputs.contrast_check
         if check == "auto":
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
-        n_failed = self._contrast_check(mask, check, brain)
+        n_failed = self._contrast_check(mask, check, brain, dict(zip(spec.inputs, (im for _, im in images))))
 
         cwd = Path(runtime.cwd)
         prob_file = save_nifti_atomic(new_image(prob, ref, dtype=np.float32), cwd / f"{member}_prob.nii.gz")
@@ -255,18 +255,18 @@ class SegmentLesions(DecisionInterface):
                              weights_sha256=sha_text, device=device)
         return runtime
 
-    def _contrast_check(self, mask, check, brain) -> int:
-        """Apply ``contrast_filter`` in place (trace and ADC from the inputs, else the normalised pair);
-        number of components removed."""
+    def _contrast_check(self, mask, check, brain, loaded) -> int:
+        """Apply ``contrast_filter`` in place (the raw trace and ADC when given, else the normalised
+        pair; images the member already read are reused); number of components removed."""
         if check != "on" or not mask.any():
             return 0
-        pairs = [(self.inputs.trace_file, self.inputs.adc_file),  # ratios: raw or normalised alike
-                 (self.inputs.dwi_norm_file, self.inputs.adc_norm_file)]
-        pairs = [p for p in pairs if isdefined(p[0]) and isdefined(p[1])]
+        # ratios are unit-free, so either pair can be judged (the normalised one is clipped)
+        pairs = [keys for keys in (("trace", "adc"), ("dwi_norm", "adc_norm"))
+                 if all(isdefined(getattr(self.inputs, _INPUT_TRAITS[k])) for k in keys)]
         if not pairs:
             raise UsageError("the contrast check needs the trace and ADC images (trace_file, adc_file)")
-        trace = np.asarray(nib.load(pairs[0][0]).dataobj, dtype=np.float32)
-        adc = np.asarray(nib.load(pairs[0][1]).dataobj, dtype=np.float32)
+        trace, adc = (np.asarray((loaded[k] if k in loaded else self._image(k)[1]).dataobj, dtype=np.float32)
+                      for k in pairs[0])
         kept, rows = contrast_filter(mask, trace, adc, trace > 0 if brain is None else brain)
         n_failed = sum(not r["kept"] for r in rows)
         mask[...] = kept

@@ -169,6 +169,24 @@ def test_member_inputs_are_required(tmp_path, inputs, standin):
     assert node.run(cwd=str(tmp_path)).outputs.member == "rawin"
 
 
+def test_contrast_check_reuses_the_member_images(tmp_path, inputs, standin, monkeypatch):
+    """A member fed the raw trace and ADC is checked on the images it already read (each file once)."""
+    loads = []
+    real = nib.load
+
+    def counting(path, *a, **kw):
+        loads.append(Path(path).name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(nib, "load", counting)
+    node = S.SegmentLesions(member="rawin", trace_file=str(inputs["dwi"]), adc_file=str(inputs["adc"]),
+                            device="cpu", contrast_check="on")
+    out = node.run(cwd=str(tmp_path)).outputs
+    assert sorted(n for n in loads if n in ("adc.nii.gz", "dwi.nii.gz")) == ["adc.nii.gz", "dwi.nii.gz"]
+    assert out.decisions["values"]["contrast_check"] == "on"
+    assert int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()) == 101  # both components pass
+
+
 def test_unknown_member(tmp_path, inputs, standin):
     node = S.SegmentLesions(member="nosuch", dwi_norm_file=str(inputs["dwi"]), adc_norm_file=str(inputs["adc"]))
     with pytest.raises(UsageError, match="valid members"):
