@@ -26,6 +26,15 @@ MIN_DWI_RATIO = 1.25
 MAX_ADC_RATIO = 0.95
 
 
+def shell_medians(comp, mask, brain, dwi, adc, shell: int = 2) -> tuple[float, float]:
+    """Median trace and ADC of the brain voxels within ``shell`` voxels (26-connected) of ``comp`` and
+    outside ``mask`` (all arrays on one box that holds the shell); ``(0, 0)`` when there are none."""
+    ring = ndimage.binary_dilation(comp, STRUCTURE_26, iterations=shell) & ~mask & brain
+    if not ring.any():
+        return 0.0, 0.0
+    return float(np.median(dwi[ring])), float(np.median(adc[ring]))
+
+
 def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = MIN_DWI_RATIO,
                     max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, q: float = 75.0):
     mask = np.asarray(mask) > 0
@@ -38,10 +47,9 @@ def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = MIN_DWI_RATIO,
     for i, sl in enumerate(ndimage.find_objects(lab), start=1):
         box = tuple(slice(max(0, s.start - shell), s.stop + shell) for s in sl)
         comp = lab[box] == i
-        ring = ndimage.binary_dilation(comp, STRUCTURE_26, iterations=shell) & ~mask[box] & brain[box]
         row = {"size": int(comp.sum()), "dwi_ratio": None, "adc_ratio": None, "kept": True}
         d, a = dwi[box], adc[box]
-        d_ref, a_ref = (float(np.median(d[ring])), float(np.median(a[ring]))) if ring.any() else (0.0, 0.0)
+        d_ref, a_ref = shell_medians(comp, mask[box], brain[box], d, a, shell)
         if d_ref > 0 and a_ref > 0:
             row["dwi_ratio"] = float(np.percentile(d[comp], q) / d_ref)
             row["adc_ratio"] = float(np.percentile(a[comp], 100.0 - q) / a_ref)
