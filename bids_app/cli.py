@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--contrast-check", choices=("auto", "on", "off"), default="auto",
                    help="remove lesion components that are not brighter on the trace and darker on the "
                         "ADC than the tissue around them (auto: the model's recommendation)")
+    m.add_argument("--grow-lesions", choices=("auto", "on", "off"), default="auto",
+                   help="grow each lesion into connected voxels of lower probability that are brighter "
+                        "on the trace and darker on the ADC than the tissue around it (hysteresis; "
+                        "auto: the model's recommendation)")
     o = p.add_argument_group("other")
     o.add_argument("--stop-on-first-crash", action="store_true")
     o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")
@@ -141,6 +145,7 @@ def parse_config(argv) -> RunConfig:
         weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
         skull_strip=args.skull_strip,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, contrast_check=args.contrast_check,
+        grow_lesions=args.grow_lesions,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
         command_line=shlex.join([APP_NAME, *argv]),

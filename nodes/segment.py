@@ -8,7 +8,9 @@ the flag nipype's MultiProc reads (``Node.is_gpu_node``) to count this node agai
 Post-processing is done here, the same for every member: ``mask = prob >= threshold``, then
 26-connected components smaller than ``min_lesion_ml`` are removed, then, when the contrast check is on
 (``contrast_check``; ``auto`` = the member's recommendation), components that are not brighter on the
-trace and darker on the ADC than the tissue around them (``models/contrast_filter.py``). The
+trace and darker on the ADC than the tissue around them (``models/contrast_filter.py``), then, when
+growth is on (``grow_lesions``; ``auto`` likewise), each kept component takes in the connected voxels
+of probability >= ``grow_low`` that pass the same contrast test (``models/grow_lesions.py``). The
 probability map is kept as the member returned it, clipped to [0, 1].
 """
 
@@ -24,6 +26,7 @@ from nipype.interfaces.base import File, isdefined, traits
 from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
+from models.grow_lesions import GROW_LOW, grow_lesions
 from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
@@ -123,6 +126,12 @@ class _SegmentInputSpec(DecisionInputSpec):
     contrast_check = traits.Enum("auto", "on", "off", usedefault=True,
                                  desc="drop components without bright trace and low ADC against the "
                                       "tissue around them; auto = the member's recommendation")
+    grow_lesions = traits.Enum("auto", "on", "off", usedefault=True,
+                               desc="grow kept components into connected voxels of probability >= "
+                                    "grow_low that pass the contrast test; auto = the member's "
+                                    "recommendation")
+    grow_low = traits.Range(0.0, 1.0, desc="low (hysteresis) threshold of the growth; default: the "
+                                           f"member's recommendation, else {GROW_LOW}")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -219,7 +228,14 @@ class SegmentLesions(DecisionInterface):
         check = self.inputs.contrast_check
         if check == "auto":
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
-        n_failed = self._contrast_check(mask, check, brain, dict(zip(spec.inputs, (im for _, im in images))))
+        loaded = dict(zip(spec.inputs, (im for _, im in images)))
+        n_failed = self._contrast_check(mask, check, brain, loaded)
+        grow = self.inputs.grow_lesions
+        recommended_low = getattr(predictor, "recommended_grow_low", None)
+        if grow == "auto":
+            grow = "on" if recommended_low is not None else "off"
+        low = float(self.inputs.grow_low) if isdefined(self.inputs.grow_low) else (recommended_low or GROW_LOW)
+        n_added = self._grow(mask, prob, grow, low, brain, loaded)
 
         cwd = Path(runtime.cwd)
         prob_file = save_nifti_atomic(new_image(prob, ref, dtype=np.float32), cwd / f"{member}_prob.nii.gz")
@@ -246,6 +262,7 @@ class SegmentLesions(DecisionInterface):
             "num_threads": threads, "tta": bool(self.inputs.tta), "seed": int(self.inputs.seed),
             "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
             "contrast_check": check, "components_failing_contrast_check": n_failed,
+            "grow_lesions": grow, "grow_low": low if grow == "on" else None, "voxels_added_by_growth": n_added,
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
             "lesion_voxels": n_vox, "lesion_ml": round(n_vox * voxel_ml, 4),
@@ -255,24 +272,45 @@ class SegmentLesions(DecisionInterface):
                              weights_sha256=sha_text, device=device)
         return runtime
 
+    def _contrast_pair(self, loaded):
+        """(trace, ADC) arrays for the contrast test: the raw pair when given, else the normalised one
+        (ratios are unit-free; the normalised pair is clipped). Images already in ``loaded`` (what the
+        member read) are reused; the pair is kept there for the next step."""
+        if "contrast_pair" not in loaded:
+            pairs = [keys for keys in (("trace", "adc"), ("dwi_norm", "adc_norm"))
+                     if all(isdefined(getattr(self.inputs, _INPUT_TRAITS[k])) for k in keys)]
+            if not pairs:
+                raise UsageError("the contrast check and the lesion growth need the trace and ADC images "
+                                 "(trace_file, adc_file)")
+            loaded["contrast_pair"] = tuple(
+                np.asarray((loaded[k] if k in loaded else self._image(k)[1]).dataobj, dtype=np.float32)
+                for k in pairs[0])
+        return loaded["contrast_pair"]
+
     def _contrast_check(self, mask, check, brain, loaded) -> int:
-        """Apply ``contrast_filter`` in place (the raw trace and ADC when given, else the normalised
-        pair; images the member already read are reused); number of components removed."""
+        """Apply ``contrast_filter`` in place; number of components removed."""
         if check != "on" or not mask.any():
             return 0
-        # ratios are unit-free, so either pair can be judged (the normalised one is clipped)
-        pairs = [keys for keys in (("trace", "adc"), ("dwi_norm", "adc_norm"))
-                 if all(isdefined(getattr(self.inputs, _INPUT_TRAITS[k])) for k in keys)]
-        if not pairs:
-            raise UsageError("the contrast check needs the trace and ADC images (trace_file, adc_file)")
-        trace, adc = (np.asarray((loaded[k] if k in loaded else self._image(k)[1]).dataobj, dtype=np.float32)
-                      for k in pairs[0])
+        trace, adc = self._contrast_pair(loaded)
         kept, rows = contrast_filter(mask, trace, adc, trace > 0 if brain is None else brain)
         n_failed = sum(not r["kept"] for r in rows)
         mask[...] = kept
         self.decide(f"Contrast check: {n_failed} of {len(rows)} component(s) removed (trace under "
                     f"{MIN_DWI_RATIO:g} x or ADC over {MAX_ADC_RATIO:g} x the tissue around them).")
         return n_failed
+
+    def _grow(self, mask, prob, grow, low, brain, loaded) -> int:
+        """Apply ``grow_lesions`` in place; number of voxels added."""
+        if grow != "on" or not mask.any():
+            return 0
+        trace, adc = self._contrast_pair(loaded)
+        grown, rows = grow_lesions(mask, prob, trace, adc, trace > 0 if brain is None else brain, low)
+        added = int(sum(r["added"] for r in rows))
+        mask[...] = grown
+        self.decide(f"Lesion growth: {added} voxel(s) added to {sum(r['added'] > 0 for r in rows)} of "
+                    f"{len(rows)} component(s) (connected, probability >= {low:g}, trace >= "
+                    f"{MIN_DWI_RATIO:g} x and ADC <= {MAX_ADC_RATIO:g} x the tissue around them).")
+        return added
 
     def _check_prob(self, prob, shape) -> np.ndarray:
         prob = np.asarray(prob, dtype=np.float32)

@@ -66,6 +66,9 @@ def test_labels_split_and_options(tmp_path):
     assert cfg.contrast_check == "auto"
     cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--contrast-check", "on"])
     assert cfg.contrast_check == "on"
+    assert parse_config([str(DEMO), str(tmp_path / "o"), "participant"]).grow_lesions == "auto"
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--grow-lesions", "off"])
+    assert cfg.grow_lesions == "off"
 
 
 def test_config_file_gives_defaults(tmp_path):

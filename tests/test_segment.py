@@ -147,6 +147,48 @@ def test_contrast_check_on_off_auto(tmp_path, inputs, standin):
     assert voxels(_run(tmp_path, files, sub="norm", contrast_check="on")) == 128
 
 
+class GrowStandIn(StandIn):
+    """0.9 where DWI > 2 and ADC < 0.6, 0.35 where DWI > 1.5 and ADC < 0.7, else 0.05."""
+
+    def predict(self, dwi_img, adc_img):
+        dwi, adc = np.asanyarray(dwi_img.dataobj), np.asanyarray(adc_img.dataobj)
+        return np.select([(dwi > 2) & (adc < 0.6), (dwi > 1.5) & (adc < 0.7)], [0.9, 0.35],
+                         0.05).astype(np.float32)
+
+
+def test_grow_lesions_on_off_auto_and_low(tmp_path, inputs, standin):
+    registry.register(registry.MemberSpec(name="growin", description="grow stand-in", official=False,
+                                          factory=lambda wd, dev, opt: GrowStandIn(dev)))
+    try:
+        dwi, adc = nib.load(inputs["dwi"]).get_fdata(), nib.load(inputs["adc"]).get_fdata()
+        dwi[9, 4:9, 3:7], adc[9, 4:9, 3:7] = 1.8, 0.6        # restricted rim touching the lesion: 20
+        dwi[15:17, 2:4, 2:4], adc[15:17, 2:4, 2:4] = 1.8, 0.6  # the same, not touching: 8
+        files = {}
+        for name, data in (("dwi", dwi), ("adc", adc)):
+            files[name] = tmp_path / f"{name}g.nii.gz"
+            nib.save(nib.Nifti1Image(data.astype(np.float32), AFFINE), files[name])
+
+        def run(sub, **kw):
+            node = S.SegmentLesions(member="growin", dwi_norm_file=str(files["dwi"]),
+                                    adc_norm_file=str(files["adc"]), device="cpu", **kw)
+            (tmp_path / sub).mkdir()
+            out = node.run(cwd=str(tmp_path / sub)).outputs
+            return int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()), out.decisions
+
+        n, dec = run("off", grow_lesions="off")
+        assert n == 101 and dec["values"]["voxels_added_by_growth"] == 0
+        n, dec = run("on", grow_lesions="on")
+        assert n == 121 and dec["values"]["voxels_added_by_growth"] == 20 and dec["values"]["grow_low"] == 0.3
+        assert any("Lesion growth: 20 voxel(s) added to 1 of 2" in i["text"] for i in dec["items"])
+        n, dec = run("auto")  # the stand-in recommends nothing: off
+        assert n == 101 and dec["values"]["grow_lesions"] == "off"
+        S.get_predictor("growin", None, "cpu").recommended_grow_low = 0.3
+        assert run("auto2")[0] == 121
+        assert run("low", grow_low=0.4)[0] == 101  # the rim's 0.35 is under the low threshold
+    finally:
+        registry.unregister("growin")
+
+
 def test_threshold_above_probability_gives_empty_mask_with_warning(tmp_path, inputs, standin):
     out = _run(tmp_path, inputs, threshold=0.95)
     assert not np.asanyarray(nib.load(out.mask_file).dataobj).any()

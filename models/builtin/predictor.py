@@ -146,9 +146,11 @@ class BuiltinPredictor:
         self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
         if not (0.01 <= self.temperature <= 100.0):
             raise WeightsIntegrityError(f"{self.weights}: calibration temperature {self.temperature} out of range")
-        # post-processing recommended with these weights (sidecar "postprocess"), used when the app's
-        # --contrast-check is auto
-        self.recommended_contrast_check = bool((meta.get("postprocess") or {}).get("contrast_check", False))
+        # post-processing recommended with these weights (sidecar "postprocess", written by
+        # choose_postprocess.py), used when the app's --contrast-check / --grow-lesions are auto
+        post = meta.get("postprocess") or {}
+        self.recommended_contrast_check = bool(post.get("contrast_check", False))
+        self.recommended_grow_low = float(post["grow_low"]) if post.get("grow_lesions") else None
         # sliding-window size: the training patch (instance-norm statistics as in training) unless given
         self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
         self.net = build_network(self.hparams)
