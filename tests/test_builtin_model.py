@@ -183,7 +183,8 @@ def test_shipped_model_finds_lesion_on_real_sample():
     dwi, adc = nib.load(str(dwi_f)), nib.load(str(adc_f))
     dn, an = P.normalize_images(dwi, adc, np.asarray(dwi.dataobj) > 0)
     predictor = P.BuiltinPredictor()
-    assert predictor.recommended_contrast_check is True  # release 3's sidecar recommends it
+    # the sidecar recommends the contrast check and growth (choose_postprocess.py)
+    assert predictor.recommended_contrast_check is True and predictor.recommended_grow_low is not None
     prob = predictor.predict(dn, an)
     assert prob.shape == dwi.shape
     m = lesion_metrics(prob > 0.5, np.asarray(nib.load(str(msk_f)).dataobj) > 0, 0.008)

@@ -78,13 +78,18 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
            "n_voxels": int(label.size), "bce_before": round(bce(logit, label, 1.0), 6),
            "bce_after": round(bce(logit, label, t), 6), "ece_before": round(ece(p1, label), 6),
            "ece_after": round(ece(pt, label), 6)}
-    side = weights.with_suffix(".json")
+    write_sidecar_entry(weights, "calibration", rec)
+    return rec
+
+
+def write_sidecar_entry(weights, key: str, value) -> None:
+    """Set ``key`` in the JSON sidecar of ``weights`` (temporary file, then rename)."""
+    side = Path(weights).with_suffix(".json")
     meta = json.loads(side.read_text())
-    meta["calibration"] = rec
+    meta[key] = value
     tmp = side.with_name(side.name + ".part")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, side)
-    return rec
 
 
 def main(argv=None):
