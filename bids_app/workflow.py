@@ -140,9 +140,13 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
         "Sources": sources, "SpatialReference": spatial, "Threshold": config.threshold,
         "Models": provenance,
         "EnsembleRule": "single member" if len(members) == 1 else "majority vote",
+        # as requested; "auto" = what each model's weights recommend (the report says what was applied)
+        "PostProcessing": {"MinLesionMl": config.min_lesion_ml, "ContrastCheck": config.contrast_check,
+                           "GrowLesions": config.grow_lesions},
     }
     prob_meta = {**mask_meta, "Type": "Lesion", "Description": "Lesion probability (ensemble mean)"}
     prob_meta.pop("Threshold")
+    prob_meta.pop("PostProcessing")
     sinks = [
         ("ds_mask", seg_wf, "outputnode.mask", dict(label="lesion", suffix="mask", dtype="uint8",
                                                  meta=mask_meta, reference=ref)),
