@@ -234,7 +234,10 @@ class SegmentLesions(DecisionInterface):
         recommended_low = getattr(predictor, "recommended_grow_low", None)
         if grow == "auto":
             grow = "on" if recommended_low is not None else "off"
-        low = float(self.inputs.grow_low) if isdefined(self.inputs.grow_low) else (recommended_low or GROW_LOW)
+        if isdefined(self.inputs.grow_low):
+            low = float(self.inputs.grow_low)
+        else:
+            low = GROW_LOW if recommended_low is None else float(recommended_low)
         n_added = self._grow(mask, prob, grow, low, brain, loaded)
 
         cwd = Path(runtime.cwd)
