@@ -66,6 +66,7 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
     """Fit ``T`` for ``weights`` and record it in the sidecar (atomic rewrite). Returns the record."""
     from .predictor import BuiltinPredictor
     from .synth import SynthGenerator
+    from scipy.special import expit
 
     weights = Path(weights)
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
@@ -73,7 +74,7 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
     gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"))
     logit, label = synthetic_logits(pred, gen, n)
     t = fit_temperature(logit, label)
-    p1, pt = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(-logit / t))
+    p1, pt = expit(logit), expit(logit / t)  # no overflow warning for large logits
     rec = {"temperature": round(t, 6), "n_volumes": n, "generator_seeds": [CAL_SEED0, CAL_SEED0 + n - 1],
            "n_voxels": int(label.size), "bce_before": round(bce(logit, label, 1.0), 6),
            "bce_after": round(bce(logit, label, t), 6), "ece_before": round(ece(p1, label), 6),
