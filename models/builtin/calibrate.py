@@ -64,9 +64,10 @@ def synthetic_logits(predictor, generator, n: int, seed0: int = CAL_SEED0):
 
 def calibrate(weights, n: int = 16, generator=None) -> dict:
     """Fit ``T`` for ``weights`` and record it in the sidecar (atomic rewrite). Returns the record."""
+    from scipy.special import expit
+
     from .predictor import BuiltinPredictor
     from .synth import SynthGenerator
-    from scipy.special import expit
 
     weights = Path(weights)
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
