@@ -23,6 +23,13 @@ and far fewer false positives. These tests guard what it does keep: the main les
 least ``DICE_RATIO`` of the native one, lesion F1 within ``F1_MARGIN``, no burst of false positives
 (``FP_MARGIN``) and an absolute volume difference at most ``AVD_MARGIN_ML`` worse.
 
+The app's own mask (post-processing the weights recommend: contrast check, lesion growth) is also
+scored, against the plain 0.5 mask of the same input: post-processing must not cost more than
+``POST_DICE_LOSS`` Dice, add false positives, or worsen the volume difference by more than
+``AVD_MARGIN_ML``, on the native case or any variant. Measured with release 3 (check + growth 0.2;
+Dice / FP / AVD, plain 0.5 mask in brackets): native 0.378 / 13 / 4.02 (0.344 / 26 / 2.11), head
+0.600 / 2 / 1.36 (0.475 / 5), oblique 0.515 / 4 / 1.10 (0.312 / 5), thick 0.541 / 0 / 2.37 (0.272 / 4).
+
 Bit-identical results for voxel order and ADC units alone are in ``tests/test_invariance.py``.
 """
 
@@ -48,6 +55,7 @@ DICE_RATIO = 0.3
 F1_MARGIN = 0.12
 FP_MARGIN = 5
 AVD_MARGIN_ML = 3.0
+POST_DICE_LOSS = 0.05
 VOXEL_ML = 0.008  # native 2 mm grid
 
 
@@ -107,14 +115,33 @@ def _score(prob_file, c):
     return lesion_metrics(np.asarray(native.dataobj) >= 0.5, c["mask"] > 0, VOXEL_ML)
 
 
+def _score_mask(mask_file, c):
+    """Metrics of a binary mask (any grid, nearest neighbour) against the expert mask on the native grid."""
+    img = nib.load(str(mask_file))
+    native = resample_from_to(img, (c["mask"].shape, c["affine"]), order=0, mode="constant", cval=0.0)
+    return lesion_metrics(np.asarray(native.dataobj) > 0, c["mask"] > 0, VOXEL_ML)
+
+
+def _assert_postprocessing_does_not_hurt(app, plain):
+    assert app["dice"] >= plain["dice"] - POST_DICE_LOSS, (app, plain)
+    assert app["fp"] <= plain["fp"], (app, plain)
+    assert app["avd_ml"] <= plain["avd_ml"] + AVD_MARGIN_ML, (app, plain)
+
+
 def _native(tmp_path_factory):
     if not _NATIVE:
         c = sample_case(1)
         folder = tmp_path_factory.mktemp("native")
         files = run_chain(save(c["dwi"], c["affine"], folder / "dwi.nii.gz"),
                           save(c["adc"], c["affine"], folder / "adc.nii.gz"), folder / "work")
-        _NATIVE.update(case=c, metrics=_score(files["prob"], c))
+        _NATIVE.update(case=c, metrics=_score(files["prob"], c), app=_score_mask(files["mask"], c))
     return _NATIVE
+
+
+def test_app_postprocessing_holds_on_native_case(tmp_path_factory):
+    ref = _native(tmp_path_factory)
+    print(f"native app mask: {ref['app']}  plain: {ref['metrics']}")
+    _assert_postprocessing_does_not_hurt(ref["app"], ref["metrics"])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -131,3 +158,6 @@ def test_model_holds_on_transformed_real_case(variant, tmp_path, tmp_path_factor
     assert m["lesion_f1"] >= m0["lesion_f1"] - F1_MARGIN, (m, m0)
     assert m["fp"] <= m0["fp"] + FP_MARGIN, (m, m0)
     assert m["avd_ml"] <= m0["avd_ml"] + AVD_MARGIN_ML, (m, m0)
+    app = _score_mask(files["mask"], c)
+    print(f"{variant} app mask: {app}")
+    _assert_postprocessing_does_not_hurt(app, m)
