@@ -33,23 +33,22 @@ def grow_lesions(mask, prob, dwi, adc, brain, low: float = GROW_LOW, min_dwi_rat
     dwi = np.asarray(dwi, dtype=np.float64)
     adc = np.asarray(adc, dtype=np.float64)
     brain = np.asarray(brain) > 0
-    # every voxel a component may reach lies in the same 26-connected region of the candidates
+    # every voxel a component may reach lies in its 26-connected region of candidates: work in the
+    # bounding box of that region (plus the shell)
     regions, _ = ndimage.label((prob >= low) & brain | mask, structure=STRUCTURE_26)
-    lab, _ = ndimage.label(mask, structure=STRUCTURE_26)
     region_boxes = ndimage.find_objects(regions)
+    lab, _ = ndimage.label(mask, structure=STRUCTURE_26)
     out = mask.copy()
     rows = []
     for i, sl in enumerate(ndimage.find_objects(lab), start=1):
         r = int(regions[sl][lab[sl] == i][0])
-        box = tuple(slice(max(0, min(a.start, b.start) - shell), max(a.stop, b.stop) + shell)
-                    for a, b in zip(sl, region_boxes[r - 1]))
+        box = tuple(slice(max(0, s.start - shell), s.stop + shell) for s in region_boxes[r - 1])
         comp = lab[box] == i
         d, a = dwi[box], adc[box]
         d_ref, a_ref = shell_medians(comp, mask[box], brain[box], d, a, shell)
         row = {"size": int(comp.sum()), "added": 0}
         if d_ref > 0 and a_ref > 0:
-            ok = (regions[box] == r) & brain[box] & (prob[box] >= low)
-            ok &= (d >= min_dwi_ratio * d_ref) & (a <= max_adc_ratio * a_ref)
+            ok = brain[box] & (prob[box] >= low) & (d >= min_dwi_ratio * d_ref) & (a <= max_adc_ratio * a_ref)
             grown = ndimage.binary_propagation(comp, STRUCTURE_26, mask=ok | comp)
             row["added"] = int((grown & ~out[box]).sum())
             out[box] |= grown
