@@ -108,18 +108,12 @@ VARIANTS = {"thick": _thick, "head": _head, "oblique": _oblique}
 _NATIVE: dict = {}
 
 
-def _score(prob_file, c):
-    """Metrics of a probability map (any grid) against the expert mask on the native grid."""
+def _score(prob_file, c, order=1):
+    """Metrics against the expert mask on the native grid of a probability map (any grid, trilinear,
+    >= 0.5) or, with ``order=0``, of a binary mask (nearest neighbour)."""
     img = nib.load(str(prob_file))
-    native = resample_from_to(img, (c["mask"].shape, c["affine"]), order=1, mode="constant", cval=0.0)
+    native = resample_from_to(img, (c["mask"].shape, c["affine"]), order=order, mode="constant", cval=0.0)
     return lesion_metrics(np.asarray(native.dataobj) >= 0.5, c["mask"] > 0, VOXEL_ML)
-
-
-def _score_mask(mask_file, c):
-    """Metrics of a binary mask (any grid, nearest neighbour) against the expert mask on the native grid."""
-    img = nib.load(str(mask_file))
-    native = resample_from_to(img, (c["mask"].shape, c["affine"]), order=0, mode="constant", cval=0.0)
-    return lesion_metrics(np.asarray(native.dataobj) > 0, c["mask"] > 0, VOXEL_ML)
 
 
 def _assert_postprocessing_does_not_hurt(app, plain):
@@ -134,7 +128,7 @@ def _native(tmp_path_factory):
         folder = tmp_path_factory.mktemp("native")
         files = run_chain(save(c["dwi"], c["affine"], folder / "dwi.nii.gz"),
                           save(c["adc"], c["affine"], folder / "adc.nii.gz"), folder / "work")
-        _NATIVE.update(case=c, metrics=_score(files["prob"], c), app=_score_mask(files["mask"], c))
+        _NATIVE.update(case=c, metrics=_score(files["prob"], c), app=_score(files["mask"], c, order=0))
     return _NATIVE
 
 
@@ -158,6 +152,6 @@ def test_model_holds_on_transformed_real_case(variant, tmp_path, tmp_path_factor
     assert m["lesion_f1"] >= m0["lesion_f1"] - F1_MARGIN, (m, m0)
     assert m["fp"] <= m0["fp"] + FP_MARGIN, (m, m0)
     assert m["avd_ml"] <= m0["avd_ml"] + AVD_MARGIN_ML, (m, m0)
-    app = _score_mask(files["mask"], c)
+    app = _score(files["mask"], c, order=0)
     print(f"{variant} app mask: {app}")
     _assert_postprocessing_does_not_hurt(app, m)

@@ -229,6 +229,29 @@ def test_contrast_check_reuses_the_member_images(tmp_path, inputs, standin, monk
     assert int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()) == 101  # both components pass
 
 
+def test_check_and_growth_read_the_raw_pair_once(tmp_path, inputs, standin, monkeypatch):
+    """A member fed the normalised pair: the raw trace and ADC are read once for the check and the
+    growth together."""
+    loads = []
+    real = nib.load
+
+    def counting(path, *a, **kw):
+        loads.append(Path(path).name)
+        return real(path, *a, **kw)
+
+    raw = {}
+    for name in ("trace", "adcraw"):
+        raw[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(real(inputs["dwi" if name == "trace" else "adc"]), raw[name])
+    monkeypatch.setattr(nib, "load", counting)
+    node = S.SegmentLesions(member="standin", dwi_norm_file=str(inputs["dwi"]), adc_norm_file=str(inputs["adc"]),
+                            trace_file=str(raw["trace"]), adc_file=str(raw["adcraw"]), device="cpu",
+                            contrast_check="on", grow_lesions="on")
+    out = node.run(cwd=str(tmp_path)).outputs
+    assert sorted(n for n in loads if n in ("trace.nii.gz", "adcraw.nii.gz")) == ["adcraw.nii.gz", "trace.nii.gz"]
+    assert out.decisions["values"]["grow_lesions"] == "on" and out.decisions["values"]["contrast_check"] == "on"
+
+
 def test_unknown_member(tmp_path, inputs, standin):
     node = S.SegmentLesions(member="nosuch", dwi_norm_file=str(inputs["dwi"]), adc_norm_file=str(inputs["adc"]))
     with pytest.raises(UsageError, match="valid members"):
