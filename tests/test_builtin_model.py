@@ -173,6 +173,20 @@ def test_training_release3_options(tmp_path, monkeypatch):
     assert T.selection_score(val, "dice_f1") == pytest.approx(0.5 * (val["dice"] + val["lesion_f1"]))
 
 
+def test_training_other_widths_load_in_the_predictor(tmp_path, monkeypatch):
+    """``--channels`` changes the U-Net width and depth; the sidecar carries it to the predictor."""
+    import models.builtin.train as T
+
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
+    meta = T.main(["--out", str(tmp_path), "--batch", "1", "--device", "cpu", "--patch", "32", "32", "32",
+                   "--val-every", "0", "--steps", "1", "--channels", "8", "16", "24"])
+    assert meta["hparams"]["channels"] == [8, 16, 24] and meta["hparams"]["strides"] == [2, 2]
+    assert meta["hparams"]["divisible_by"] == 4
+    pred = P.BuiltinPredictor(tmp_path / "builtin_v1.pt")
+    assert pred.hparams["channels"] == [8, 16, 24]
+    assert meta["n_parameters"] == sum(p.numel() for p in pred.net.parameters()) < 1_186_682
+
+
 @pytest.mark.skipif(not P.DEFAULT_WEIGHTS.exists() or not SAMPLE.exists(), reason="no shipped weights / sample")
 def test_shipped_model_finds_lesion_on_real_sample():
     from models.builtin.metrics import lesion_metrics

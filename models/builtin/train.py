@@ -129,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--schedule-by-time", action="store_true",
                     help="with --time-budget-min: after 30 steps, shorten --steps to what fits in the budget "
                          "(so the cosine schedule completes); batches stay a function of (seed, step)")
+    ap.add_argument("--channels", type=int, nargs="+", default=None,
+                    help="U-Net channels per level (default: network.DEFAULT_HPARAMS, 16 32 64 128)")
     ap.add_argument("--init", default=None, help="start from these weights (state_dict .pt; fine-tuning)")
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--threads", type=int, default=None)
@@ -163,6 +165,10 @@ def main(argv=None):
     np.random.seed(args.seed % (2 ** 32))
     torch.manual_seed(args.seed)
     hp = copy.deepcopy(DEFAULT_HPARAMS)
+    if args.channels:
+        hp["channels"] = list(args.channels)
+        hp["strides"] = [2] * (len(args.channels) - 1)
+        hp["divisible_by"] = 2 ** (len(args.channels) - 1)
     net = build_network(hp).to(device)
     gen = SynthGenerator(device, label_rule=args.label_rule)
     patch = patch or gen.fov
