@@ -233,9 +233,11 @@ def main(argv=None):
             t_est = time.time()  # skip the first 20 steps (cudnn autotuning, allocator warm-up)
         if args.schedule_by_time and args.time_budget_min and step - s_loop == 80:
             rate = 60 / max(time.time() - t_est, 1e-6)
-            n_val = (args.steps - step) // args.val_every if args.val_every else 0
-            left_s = args.time_budget_min * 60 - (time.time() - t0) - 15 - n_val * args.val_n * 0.3
-            fit = step + int(rate * left_s * 0.97)
+            # validation: a guess of ~0.3 s per volume on CUDA, ~2 s on CPU; the final one is reserved too
+            val_once = args.val_n * (0.3 if device.type == "cuda" else 2.0) if args.val_every else 0.0
+            val_s = val_once / args.val_every if args.val_every else 0.0
+            left_s = args.time_budget_min * 60 - (time.time() - t0) - 15 - val_once
+            fit = step + int(max(0.0, left_s) * 0.97 / (1.0 / rate + val_s))
             if fit < args.steps:
                 _log(f"schedule-by-time: {rate:.2f} steps/s -> steps {args.steps} -> {fit}")
                 args.steps = max(step + 1, fit)
