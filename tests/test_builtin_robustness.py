@@ -20,7 +20,8 @@ Release 2 gave native 0.41 / 0.24, head 0.31, oblique 0.23, thick 0.15 (Dice). T
 sent through the same transform and back, scores 0.81 / 0.36 (thick) and 0.93 / 0.88 (oblique).
 On resampled inputs the model keeps most of its Dice but finds fewer of the small lesions (3 of 7)
 and far fewer false positives. These tests guard what it does keep: the main lesions found, Dice at
-least ``DICE_RATIO`` of the native one, lesion F1 within ``F1_MARGIN``, no burst of false positives
+least ``DICE_RATIO`` of the native one, lesion F1 within ``F1_MARGIN`` of the native one or at least
+``F1_FLOOR`` (so a native gain alone cannot fail a variant that holds), no burst of false positives
 (``FP_MARGIN``) and an absolute volume difference at most ``AVD_MARGIN_ML`` worse.
 
 The app's own mask (post-processing the weights recommend: contrast check, lesion growth) is also
@@ -53,6 +54,7 @@ pytestmark = pytest.mark.skipif(not bp.DEFAULT_WEIGHTS.is_file(), reason="built-
 
 DICE_RATIO = 0.3
 F1_MARGIN = 0.12
+F1_FLOOR = 0.22  # fixed before round H (2026-11-27), not fitted to any candidate
 FP_MARGIN = 5
 AVD_MARGIN_ML = 3.0
 POST_DICE_LOSS = 0.05
@@ -149,7 +151,7 @@ def test_model_holds_on_transformed_real_case(variant, tmp_path, tmp_path_factor
     print(f"{variant}: {m}  native: {m0}")
     assert m["tp"] >= 1, m
     assert m["dice"] >= DICE_RATIO * m0["dice"], (m, m0)
-    assert m["lesion_f1"] >= m0["lesion_f1"] - F1_MARGIN, (m, m0)
+    assert m["lesion_f1"] >= min(m0["lesion_f1"] - F1_MARGIN, F1_FLOOR), (m, m0)
     assert m["fp"] <= m0["fp"] + FP_MARGIN, (m, m0)
     assert m["avd_ml"] <= m0["avd_ml"] + AVD_MARGIN_ML, (m, m0)
     app = _score(files["mask"], c, order=0)
