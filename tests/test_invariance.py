@@ -277,3 +277,24 @@ def test_adc_unit_does_not_change_the_result(unit, scale, tmp_path, tmp_path_fac
     assert np.array_equal(got["brain"], ref["arrays"]["brain"])
     assert np.allclose(got["adc"], ref["arrays"]["adc"], rtol=1e-6, atol=1e-7)
     assert np.allclose(got["prob"], ref["arrays"]["prob"], rtol=0, atol=1e-5)
+
+
+def test_zero_padding_around_the_scan_does_not_change_the_probability():
+    """More background around the same brain (a larger field of view) gives bit-identical probabilities:
+    the model sees the brain's box plus a fixed margin (``BRAIN_MARGIN_VOX``), not the whole grid."""
+    c = sample_case(1)
+    d, a = bp.normalize_images(nib.Nifti1Image(c["dwi"], c["affine"]), nib.Nifti1Image(c["adc"], c["affine"]),
+                               c["dwi"] > 0)
+    ref = bp.BuiltinPredictor()
+    whole = bp.BuiltinPredictor(brain_margin=None)  # every window of the whole grid: background matters
+    p0 = ref.predict(d, a)
+    for pad in ((10, 10), (0, 21), (17, 3)):
+        shift = np.eye(4)
+        shift[:3, 3] = -pad[0]
+        dp, ap = (nib.Nifti1Image(np.pad(np.asarray(i.dataobj), [pad] * 3), i.affine @ shift) for i in (d, a))
+        inner = tuple(slice(pad[0], pad[0] + n) for n in p0.shape)
+        p = ref.predict(dp, ap)
+        assert np.array_equal(p[inner], p0), pad
+        assert not np.any(p[np.pad(np.zeros(p0.shape, bool), [pad] * 3, constant_values=True)] >= 0.5)
+        if pad == (10, 10):
+            assert np.abs(whole.predict(dp, ap)[inner] - whole.predict(d, a)).max() > 0.3
