@@ -189,6 +189,24 @@ def test_training_other_widths_load_in_the_predictor(tmp_path, monkeypatch):
     assert meta["n_parameters"] == sum(p.numel() for p in pred.net.parameters()) < 1_186_682
 
 
+def test_training_batch_norm_from_instance_norm_weights(tmp_path, monkeypatch):
+    """``--norm batch --init W`` starts from instance-norm weights (new norm tensors only) and the
+    predictor runs it with running statistics; weights of another shape are refused."""
+    import models.builtin.train as T
+
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
+    init = tmp_path / "in.pt"
+    torch.save(build_network({"channels": [8, 16, 24], "strides": [2, 2]}).state_dict(), init)
+    common = ["--batch", "2", "--device", "cpu", "--patch", "32", "32", "32", "--val-every", "0", "--steps", "1",
+              "--channels", "8", "16", "24", "--init", str(init)]
+    meta = T.main(["--out", str(tmp_path / "bn")] + common + ["--norm", "batch"])
+    assert meta["hparams"]["norm"] == "batch"
+    pred = P.BuiltinPredictor(tmp_path / "bn" / "builtin_v1.pt")
+    assert isinstance(pred.net.model[0].conv.unit0.adn.N, torch.nn.BatchNorm3d) and not pred.net.training
+    with pytest.raises(SystemExit, match="does not fit"):
+        T.main(["--out", str(tmp_path / "bad")] + common[:-2] + ["--init", str(P.DEFAULT_WEIGHTS)])
+
+
 @pytest.mark.skipif(not P.DEFAULT_WEIGHTS.exists() or not SAMPLE.exists(), reason="no shipped weights / sample")
 def test_shipped_model_finds_lesion_on_real_sample():
     from models.builtin.metrics import lesion_metrics

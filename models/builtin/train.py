@@ -131,6 +131,10 @@ def main(argv=None):
                          "(so the cosine schedule completes); batches stay a function of (seed, step)")
     ap.add_argument("--channels", type=int, nargs="+", default=None,
                     help="U-Net channels per level (default: network.DEFAULT_HPARAMS, 16 32 64 128)")
+    ap.add_argument("--norm", default=None, choices=["instance", "batch"],
+                    help="normalisation layers (default instance). batch: running statistics at inference, so "
+                         "a window's result no longer depends on what else the window holds; --init from "
+                         "instance-norm weights then starts the new norm layers at identity")
     ap.add_argument("--init", default=None, help="start from these weights (state_dict .pt; fine-tuning)")
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--threads", type=int, default=None)
@@ -169,12 +173,21 @@ def main(argv=None):
         hp["channels"] = list(args.channels)
         hp["strides"] = [2] * (len(args.channels) - 1)
         hp["divisible_by"] = 2 ** (len(args.channels) - 1)
+    if args.norm:
+        hp["norm"] = args.norm
     net = build_network(hp).to(device)
     gen = SynthGenerator(device, label_rule=args.label_rule)
     patch = patch or gen.fov
     if args.init:
-        net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
-        _log(f"initialised from {args.init}")
+        try:
+            res = net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True), strict=False)
+        except RuntimeError as exc:  # tensor shapes differ
+            raise SystemExit(f"{args.init}: does not fit this network ({str(exc).splitlines()[1].strip()})")
+        # only the parameters of norm layers the initial weights did not have may be missing
+        if res.unexpected_keys or any(".adn.N." not in k for k in res.missing_keys):
+            raise SystemExit(f"{args.init}: does not fit this network (missing {res.missing_keys[:3]}, "
+                             f"unexpected {res.unexpected_keys[:3]})")
+        _log(f"initialised from {args.init} ({len(res.missing_keys)} new norm tensors)")
     real = None
     if args.real_data:
         from .real_data import RealCases
