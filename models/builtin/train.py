@@ -133,8 +133,8 @@ def main(argv=None):
                     help="U-Net channels per level (default: network.DEFAULT_HPARAMS, 16 32 64 128)")
     ap.add_argument("--norm", default=None, choices=["instance", "batch"],
                     help="normalisation layers (default instance). batch: running statistics at inference, so "
-                         "a window's result no longer depends on what else the window holds; --init from "
-                         "instance-norm weights then starts the new norm layers at identity")
+                         "a window's result no longer depends on what else the window holds; with --init from "
+                         "instance-norm weights the new norm layers start with unit scale and zero shift")
     ap.add_argument("--init", default=None, help="start from these weights (state_dict .pt; fine-tuning)")
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--threads", type=int, default=None)
@@ -170,6 +170,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     hp = copy.deepcopy(DEFAULT_HPARAMS)
     if args.channels:
+        if len(args.channels) < 2:
+            ap.error("--channels needs at least two levels")
         hp["channels"] = list(args.channels)
         hp["strides"] = [2] * (len(args.channels) - 1)
         hp["divisible_by"] = 2 ** (len(args.channels) - 1)
