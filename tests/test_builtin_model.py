@@ -109,6 +109,13 @@ def test_predictor_grid_determinism_tta(tmp_path):
     assert p.predict(d3, a3).shape == (30, 33, 12)
     empty = nib.Nifti1Image(np.zeros(d.shape, np.float32), d.affine)  # no brain: no box, no lesion
     assert not p.predict(empty, empty).any()
+    # calibration's logits take the app's path: sigmoid(logit / T) is the app's probability
+    x = np.stack([np.asarray(d.dataobj), np.asarray(a.dataobj)]).astype(np.float32)
+    x[:, :15] = 0  # planes 0-3 lie beyond the brain box (margin 11): -inf logits, probability 0
+    z, prob = p.logits_model_grid(x), p._prob_model_grid(x)
+    inside = np.isfinite(z)
+    assert not inside.all() and not prob[~inside].any()
+    assert np.allclose(1 / (1 + np.exp(-z[inside] / p.temperature)), prob[inside], atol=1e-6)
 
 
 def test_predictor_refuses_sha_mismatch_before_load(tmp_path, monkeypatch):
@@ -226,8 +233,9 @@ def test_shipped_model_finds_lesion_on_real_sample():
 
 
 # Measured with the shipped weights (release 3, sha256 65bedcd8..., brain-box inference): Dice 0.395,
-# 6 of 18 GT lesions found without post-processing (whole-grid inference: 0.344, 7; see MODEL_CARD.md). The floors guard against regressions (broken
-# orientation, units, weights); release 2 scored 0.408 with 4 lesions found, release 1 0.148 with 3.
+# 6 of 18 GT lesions found without post-processing (whole-grid inference: 0.344, 7; see MODEL_CARD.md).
+# The floors guard against regressions (broken orientation, units, weights); release 2 scored 0.408
+# with 4 lesions found, release 1 0.148 with 3.
 DICE_FLOOR = 0.30
 TP_FLOOR = 5
 

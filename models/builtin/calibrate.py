@@ -51,12 +51,13 @@ def fit_temperature(logit: np.ndarray, label: np.ndarray) -> float:
 
 @torch.no_grad()
 def synthetic_logits(predictor, generator, n: int, seed0: int = CAL_SEED0):
-    """Brain-voxel logits and labels of ``n`` synthetic volumes, through the predictor's inferer."""
+    """Brain-voxel logits and labels of ``n`` synthetic volumes, through the app's inference path
+    (``BuiltinPredictor.logits_model_grid``: brain box, sliding window)."""
     logits, labels = [], []
     for i in range(n):
         x, y = generator.sample_one(seed0 + i)
         brain = (x[1] > 0).numpy()
-        z = predictor.inferer(x[None].to(predictor.device), predictor.net)[0, 0].float().cpu().numpy()
+        z = predictor.logits_model_grid(x.numpy())
         logits.append(z[brain])
         labels.append(y[0].numpy()[brain])
     return np.concatenate(logits), np.concatenate(labels)

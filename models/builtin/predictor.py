@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from models.weights import sha256_file
 
@@ -179,35 +180,57 @@ class BuiltinPredictor:
         return self._sha
 
     def _prob_model_grid(self, x: np.ndarray) -> np.ndarray:
-        """Probability on the model grid: inference on the brain box (``brain_margin``), zeros outside it."""
+        """Probability on the model grid: inference on the brain box (``brain_margin``), 0 outside it."""
+        return self._on_brain_box(x, self._prob_array, 0.0)
+
+    def logits_model_grid(self, x: np.ndarray) -> np.ndarray:
+        """Logits (no temperature, no TTA) on the model grid, through the same brain box as the app
+        (``calibrate.py`` fits the temperature on these); -inf outside the box."""
+        return self._on_brain_box(x, self._logit_array, -np.inf)
+
+    def _on_brain_box(self, x: np.ndarray, fn, fill: float) -> np.ndarray:
+        """``fn`` on the brain's bounding box (non-zero input) grown by ``brain_margin`` voxels and
+        zero-filled beyond the array; ``fill`` elsewhere. ``brain_margin=None``: ``fn`` on all of ``x``."""
         if self.brain_margin is None:
-            return self._prob_array(x)
-        inside = np.argwhere(np.any(x != 0, axis=0))
-        out = np.zeros(x.shape[1:], dtype=np.float32)
-        if inside.size == 0:
+            return fn(x)
+        out = np.full(x.shape[1:], fill, dtype=np.float32)
+        found = ndimage.find_objects(np.any(x != 0, axis=0).astype(np.int8))
+        if not found:
             return out
-        lo = inside.min(0) - int(self.brain_margin)
-        hi = inside.max(0) + 1 + int(self.brain_margin)
-        box = np.zeros((x.shape[0], *(hi - lo)), dtype=np.float32)
+        m = int(self.brain_margin)
+        lo = [sl.start - m for sl in found[0]]
+        hi = [sl.stop + m for sl in found[0]]
+        box = np.zeros((x.shape[0], *(b - a for a, b in zip(lo, hi))), dtype=np.float32)
         src = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, x.shape[1:]))
         dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
         box[(slice(None),) + dst] = x[(slice(None),) + src]
-        out[src] = self._prob_array(box)[dst]
+        out[src] = fn(box)[dst]
         return out
 
     @torch.no_grad()
-    def _prob_array(self, x: np.ndarray) -> np.ndarray:
+    def _logit_tensor(self, x: np.ndarray, flip: bool = False) -> torch.Tensor:
+        """Sliding-window logits of ``x`` (2, ...) zero-padded to multiples of ``divisible_by``."""
         div = int(self.hparams.get("divisible_by", 8))
         shape = x.shape[1:]
         padded = [int(np.ceil(s / div) * div) for s in shape]
         xp = np.zeros((2, *padded), dtype=np.float32)
         xp[:, : shape[0], : shape[1], : shape[2]] = x
         t = torch.from_numpy(xp)[None].to(self.device)
-        roi = tuple(min(r, p) for r, p in zip(self.roi, padded))
-        self.inferer.roi_size = roi
-        prob = torch.sigmoid(self.inferer(t, self.net) / self.temperature)
-        if self.tta:  # left-right flip (axis 0 is R-L on the RAS model grid)
-            prob = 0.5 * (prob + torch.sigmoid(self.inferer(t.flip(2), self.net) / self.temperature).flip(2))
+        self.inferer.roi_size = tuple(min(r, p) for r, p in zip(self.roi, padded))
+        if flip:  # left-right (axis 0 is R-L on the RAS model grid)
+            return self.inferer(t.flip(2), self.net).flip(2)
+        return self.inferer(t, self.net)
+
+    def _logit_array(self, x: np.ndarray) -> np.ndarray:
+        shape = x.shape[1:]
+        return self._logit_tensor(x)[0, 0, : shape[0], : shape[1], : shape[2]].float().cpu().numpy()
+
+    @torch.no_grad()
+    def _prob_array(self, x: np.ndarray) -> np.ndarray:
+        prob = torch.sigmoid(self._logit_tensor(x) / self.temperature)
+        if self.tta:
+            prob = 0.5 * (prob + torch.sigmoid(self._logit_tensor(x, flip=True) / self.temperature))
+        shape = x.shape[1:]
         return prob[0, 0, : shape[0], : shape[1], : shape[2]].float().cpu().numpy()
 
     def predict(self, dwi_n_img, adc_n_img) -> np.ndarray:
