@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 # All hyper-parameters of the architecture, saved in the weights' JSON sidecar and in checkpoints.
 DEFAULT_HPARAMS = {
     "arch": "monai.networks.nets.UNet",
@@ -19,17 +21,39 @@ DEFAULT_HPARAMS = {
     "voxel_mm": 2.0,  # model grid: RAS, 2 mm isotropic
     "divisible_by": 8,  # input sizes must be multiples of this (3 stride-2 levels)
 }
+# "ensemble": n > 1 in the hyper-parameters (sidecar of ``ensemble.py``'s output) builds n such networks
+# whose logits are averaged (``LogitMean``); their weights sit under ``members.<i>.`` in one file.
+
+
+class LogitMean(torch.nn.Module):
+    """Mean of the logits of several networks that take the same input (a deep ensemble in one module)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x):
+        out = self.members[0](x)
+        for member in self.members[1:]:
+            out = out + member(x)
+        return out / len(self.members)
 
 
 def build_network(hparams: dict | None = None):
-    """Build the network from a hyper-parameter dict (defaults: ``DEFAULT_HPARAMS``, ~1.19 M parameters)."""
-    from monai.networks.nets import UNet
-
+    """Build the network from a hyper-parameter dict (defaults: ``DEFAULT_HPARAMS``, ~1.19 M parameters);
+    with ``"ensemble": n`` (n > 1), a ``LogitMean`` of n such networks."""
     hp = copy.deepcopy(DEFAULT_HPARAMS)
     if hparams:
         hp.update(hparams)
+    n = int(hp.pop("ensemble", 1))
+    if n < 1:
+        raise ValueError(f"ensemble size must be >= 1, not {n}")
+    if n > 1:
+        return LogitMean([build_network(hp) for _ in range(n)])
     if hp["arch"] != "monai.networks.nets.UNet":
         raise ValueError(f"unsupported architecture {hp['arch']!r}")
+    from monai.networks.nets import UNet
+
     return UNet(
         spatial_dims=hp["spatial_dims"],
         in_channels=hp["in_channels"],

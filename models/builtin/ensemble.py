@@ -1,0 +1,108 @@
+"""Join built-in weights of one architecture into a logit-mean ensemble stored as one weights file.
+
+    python -m models.builtin.ensemble --members R3/builtin_v1.pt H-a/builtin_v1.pt ... --out E
+
+Each member's SHA-256 is checked against its JSON sidecar before it is read (``weights_only=True``); all
+members must share the same hyper-parameters. ``E/builtin_v1.pt`` holds the members' tensors under
+``members.<i>.`` (``network.LogitMean``); its sidecar records ``"ensemble": n`` in the hyper-parameters,
+the sliding-window patch the app uses for every member (``--patch``, default 64^3), the SHA-256 and
+provenance (command, steps, torch) of each member, and the ensemble's own SHA-256. Calibration and the
+post-processing choice are then made on the ensemble as for single weights (``calibrate.py``,
+``choose_postprocess.py``). Same members in the same order -> a bit-identical file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from models.weights import sha256_file
+
+from .network import build_network, count_parameters
+
+# sidecar fields of each member kept in the ensemble's provenance
+MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
+                 "train_minutes", "release")
+
+
+class EnsembleError(ValueError):
+    """A member cannot join the ensemble (missing sidecar, checksum, architecture)."""
+
+
+def read_member(path: Path) -> tuple[dict, dict]:
+    """(sidecar, state dict) of one member; the SHA-256 is checked before the file is deserialised."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise EnsembleError(f"{path}: no sidecar {side.name} with its SHA-256")
+    meta = json.loads(side.read_text())
+    sha = sha256_file(path)
+    if sha != meta.get("sha256"):
+        raise EnsembleError(f"{path}: SHA-256 {sha} does not match its sidecar ({meta.get('sha256')})")
+    if int(meta.get("hparams", {}).get("ensemble", 1)) != 1:
+        raise EnsembleError(f"{path}: is itself an ensemble; give its members instead")
+    return meta, torch.load(path, map_location="cpu", weights_only=True)
+
+
+def join(members, out_dir, patch=(64, 64, 64), command=None) -> dict:
+    """Write ``out_dir/builtin_v1.pt`` and its sidecar; return the sidecar."""
+    paths = [Path(m) for m in members]
+    if len(paths) < 2:
+        raise EnsembleError("an ensemble needs at least two members")
+    metas, states = zip(*(read_member(p) for p in paths))
+    hp = metas[0]["hparams"]
+    for p, m in zip(paths[1:], metas[1:]):
+        if m["hparams"] != hp:
+            raise EnsembleError(f"{p}: hyper-parameters differ from {paths[0]} ({m['hparams']} vs {hp})")
+    hparams = dict(hp, ensemble=len(paths))
+    net = build_network(hparams)
+    state = {f"members.{i}.{k}": v for i, sd in enumerate(states) for k, v in sd.items()}
+    net.load_state_dict(state)  # strict: every tensor of every member, nothing else
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wpath = out / "builtin_v1.pt"
+    tmp = wpath.with_name(wpath.name + ".part")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, wpath)
+    sha = sha256_file(wpath)
+    meta = {
+        "name": "builtin_v1",
+        "hparams": hparams,
+        "n_parameters": count_parameters(net),
+        "patch": [int(s) for s in patch],
+        "command": command,
+        "members": [dict({"file": str(p), "sha256": m["sha256"]}, **{k: m[k] for k in MEMBER_FIELDS if k in m})
+                    for p, m in zip(paths, metas)],
+        "input": metas[0].get("input"),
+        "output": "1 logit channel: the mean of the members' logits; sigmoid = lesion probability",
+        "torch": torch.__version__,
+        "sha256": sha,
+    }
+    side = wpath.with_suffix(".json")
+    tmp = side.with_name(side.name + ".part")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, side)
+    return meta
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--members", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
+    ap.add_argument("--out", required=True, help="output folder (builtin_v1.pt and builtin_v1.json)")
+    ap.add_argument("--patch", nargs=3, type=int, default=[64, 64, 64], help="sliding-window size (default 64^3)")
+    args = ap.parse_args(argv)
+    try:
+        meta = join(args.members, args.out, args.patch,
+                    "python -m models.builtin.ensemble " + " ".join(sys.argv[1:] if argv is None else argv))
+    except EnsembleError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"wrote {Path(args.out) / 'builtin_v1.pt'}: {len(meta['members'])} members, "
+          f"{meta['n_parameters']} parameters, sha256 {meta['sha256'][:16]}...")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Logit-mean ensembles of built-in weights (``models/builtin/ensemble.py``, ``network.LogitMean``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+
+from models.builtin import ensemble as E  # noqa: E402
+from models.builtin.network import LogitMean, build_network  # noqa: E402
+from models.builtin.predictor import BuiltinPredictor  # noqa: E402
+from models.weights import sha256_file  # noqa: E402
+
+SMALL = {"channels": [8, 16, 24], "strides": [2, 2], "divisible_by": 4}
+
+
+def _member(folder, seed, hparams=SMALL):
+    from models.builtin.network import DEFAULT_HPARAMS
+
+    torch.manual_seed(seed)
+    folder.mkdir()
+    w = folder / "builtin_v1.pt"
+    torch.save(build_network(hparams).state_dict(), w)
+    hp = dict(DEFAULT_HPARAMS, **hparams)
+    (folder / "builtin_v1.json").write_text(json.dumps({"hparams": hp, "sha256": sha256_file(w), "seed": seed,
+                                                        "command": f"train --seed {seed}", "patch": [32] * 3}))
+    return w
+
+
+def test_ensemble_logits_are_the_mean_of_its_members(tmp_path):
+    members = [_member(tmp_path / f"m{i}", seed=i) for i in range(3)]
+    meta = E.join(members, tmp_path / "ens", patch=(32, 32, 32), command="ensemble test")
+    w = tmp_path / "ens" / "builtin_v1.pt"
+    assert meta["hparams"]["ensemble"] == 3 and meta["patch"] == [32, 32, 32]
+    assert [m["sha256"] for m in meta["members"]] == [sha256_file(m) for m in members]
+    assert meta["members"][1]["command"] == "train --seed 1" and meta["sha256"] == sha256_file(w)
+    ens = BuiltinPredictor(w)
+    assert isinstance(ens.net, LogitMean) and len(ens.net.members) == 3 and ens.roi == (32, 32, 32)
+    x = np.zeros((2, 40, 44, 36), np.float32)
+    x[:, 6:34, 8:36, 5:30] = np.random.default_rng(0).normal(size=(2, 28, 28, 25))
+    mean = sum(BuiltinPredictor(m, roi=(32, 32, 32)).logits_model_grid(x) for m in members) / 3
+    got = ens.logits_model_grid(x)
+    inside = np.isfinite(mean)
+    assert np.array_equal(inside, np.isfinite(got)) and inside.any()
+    np.testing.assert_allclose(got[inside], mean[inside], rtol=1e-5, atol=1e-5)
+    single = BuiltinPredictor(members[0], roi=(32, 32, 32)).logits_model_grid(x)
+    assert np.abs(single[inside] - got[inside]).max() > 1e-3  # the members differ: not one member's logits
+    # same members, same order -> the same file, bit for bit
+    E.join(members, tmp_path / "again", patch=(32, 32, 32), command="ensemble test")
+    assert sha256_file(tmp_path / "again" / "builtin_v1.pt") == meta["sha256"]
+
+
+def test_ensemble_refuses_bad_members(tmp_path):
+    a, b = _member(tmp_path / "a", 0), _member(tmp_path / "b", 1)
+    other = _member(tmp_path / "c", 2, {"channels": [8, 16], "strides": [2], "divisible_by": 2})
+    with pytest.raises(E.EnsembleError, match="hyper-parameters differ"):
+        E.join([a, other], tmp_path / "o1")
+    with pytest.raises(E.EnsembleError, match="at least two"):
+        E.join([a], tmp_path / "o2")
+    E.join([a, b], tmp_path / "ens")
+    with pytest.raises(E.EnsembleError, match="is itself an ensemble"):
+        E.join([a, tmp_path / "ens" / "builtin_v1.pt"], tmp_path / "o3")
+    b.write_bytes(b.read_bytes() + b"x")  # tampered after its sidecar was written: never unpickled
+    with pytest.raises(E.EnsembleError, match="does not match its sidecar"):
+        E.join([a, b], tmp_path / "o4")
+    (tmp_path / "a" / "builtin_v1.json").unlink()
+    with pytest.raises(SystemExit, match="no sidecar"):
+        E.main(["--members", str(a), str(b), "--out", str(tmp_path / "o5")])
+    assert not (tmp_path / "o4").exists() or not any((tmp_path / "o4").iterdir())
+
+
+def test_training_refuses_an_ensemble_as_initial_weights(tmp_path):
+    import models.builtin.train as T
+
+    a, b = _member(tmp_path / "a", 0, {}), _member(tmp_path / "b", 1, {})
+    E.join([a, b], tmp_path / "ens")
+    with pytest.raises(SystemExit, match="does not fit this network"):
+        T.main(["--out", str(tmp_path / "t"), "--init", str(tmp_path / "ens" / "builtin_v1.pt"), "--steps", "1",
+                "--device", "cpu"])
