@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "member whose weights are in --weights-dir, else builtin)")
     m.add_argument("--weights-dir", type=Path, default=None,
                    help="the unpacked official DeepISLES 'weights/' folder")
+    m.add_argument("--builtin-weights", type=Path, default=None,
+                   help="weights of the built-in model to use instead of the shipped ones: a .pt file "
+                        "beside its JSON sidecar, as written by models.builtin.train or "
+                        "models.builtin.ensemble (checked by SHA-256 before loading)")
     m.add_argument("--weights-manifest", type=Path, default=None,
                    help="checksum manifest of the weights (sha256sum lines or JSON); any mismatch "
                         "stops the run before a model is loaded")
@@ -131,6 +135,14 @@ def parse_config(argv) -> RunConfig:
             bids_filter = json.loads(Path(args.bids_filter_file).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise UsageError(f"{args.bids_filter_file}: not a readable JSON filter file ({exc})") from None
+    builtin_weights = None
+    if args.builtin_weights:
+        builtin_weights = args.builtin_weights.absolute()
+        if not builtin_weights.is_file():
+            raise UsageError(f"{builtin_weights}: --builtin-weights file not found")
+        if not builtin_weights.with_suffix(".json").is_file():
+            raise UsageError(f"{builtin_weights}: no sidecar {builtin_weights.with_suffix('.json').name} "
+                             "with its SHA-256 beside it")
     nprocs = args.nprocs or default_nprocs()
     if nprocs < 1 or (args.omp_nthreads is not None and args.omp_nthreads < 1):
         raise UsageError("--nprocs and --omp-nthreads must be at least 1")
@@ -143,6 +155,7 @@ def parse_config(argv) -> RunConfig:
         mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
         weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
+        builtin_weights=builtin_weights,
         skull_strip=args.skull_strip,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, contrast_check=args.contrast_check,
         grow_lesions=args.grow_lesions,

@@ -45,6 +45,7 @@ class RunConfig:
     models: list[str] | None = None
     weights_dir: Path | None = None
     weights_manifest: Path | None = None
+    builtin_weights: Path | None = None  # None: the shipped models/builtin/weights/builtin_v1.pt
     skull_strip: str = "otsu"
     tta: bool = False
     threshold: float = 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from bids_app import __version__
 from bids_app.config import RunConfig
 from bids_app.derivatives import write_dataset_description
-from bids_app.errors import DeepIslesError, WeightsError
+from bids_app.errors import DeepIslesError, UsageError, WeightsError
 from bids_app.paths import crash_dir, reportlets_dir, session_name
 from nodes.base import atomic_write_text, write_json_atomic
 
@@ -121,10 +122,30 @@ def _container() -> str | None:
     return os.environ.get("DEEPISLES_CONTAINER") or None
 
 
-def models_provenance(members, weights_dir) -> list[dict]:
+def models_provenance(members, weights_dir, builtin_weights=None) -> list[dict]:
     from models import registry
 
-    return [registry.provenance(name, weights_dir) for name in members]
+    out = [registry.provenance(name, weights_dir) for name in members]
+    if builtin_weights:
+        for entry in out:
+            if entry["name"] == "builtin":
+                entry["weights_file"] = str(builtin_weights)
+                entry["weights_sha256"] = check_builtin_weights(builtin_weights)
+    return out
+
+
+def check_builtin_weights(path) -> str:
+    """SHA-256 of the user's built-in weights after checking it against their sidecar (66 otherwise)."""
+    from models.weights import verify
+
+    side = Path(path).with_suffix(".json")
+    try:
+        expected = json.loads(side.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise WeightsError(f"{side}: unreadable sidecar of the built-in weights ({exc})") from None
+    if not expected:
+        raise WeightsError(f"{side}: no \"sha256\" in the sidecar of the built-in weights")
+    return verify(path, expected)
 
 
 def verify_weights_manifest(config: RunConfig, members) -> None:
@@ -162,7 +183,10 @@ def run_participant(config: RunConfig) -> int:
     members = registry.resolve_members(config.models, config.weights_dir)
     if config.weights_manifest:
         verify_weights_manifest(config, members)
-    provenance = models_provenance(members, config.weights_dir)
+    if config.builtin_weights and "builtin" not in members:
+        raise UsageError(f"{config.builtin_weights}: --builtin-weights given, but the built-in model is not "
+                         f"among the members ({', '.join(members)}); add --models builtin")
+    provenance = models_provenance(members, config.weights_dir, config.builtin_weights)
     run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,
                 "models": provenance}
 

@@ -55,6 +55,8 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
             seg.inputs.min_lesion_ml = config.min_lesion_ml
         if config.weights_dir:
             seg.inputs.weights_dir = str(config.weights_dir)
+        if member == "builtin" and getattr(config, "builtin_weights", None):
+            seg.inputs.weights_file = str(config.builtin_weights)
         if getattr(config, "weights_manifest", None):
             seg.inputs.weights_manifest = str(config.weights_manifest)
         # fmt: off
