@@ -79,3 +79,15 @@ def test_user_weights_run_and_are_recorded(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(bad) in err and "SHA-256 mismatch" in err
     assert not list((tmp_path / "o3").glob("sub-*"))
+
+
+def test_refused_when_the_builtin_model_is_not_a_member(tmp_path, capsys):
+    from tests.fake_weights.seals import make_fake_seals
+
+    bids = make_isles22(tmp_path / "bids", subjects=("isles",), sessions=["0001"], flair=False)
+    make_fake_seals(tmp_path / "W")
+    code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), "--models", "seals",
+                 "--weights-dir", str(tmp_path / "W"), "--builtin-weights", str(SHIPPED)])
+    assert code == 64
+    assert "not among the members (seals)" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("sub-*"))
