@@ -1,0 +1,96 @@
+"""Score built-in weights on held-out synthetic volumes, through the app's predictor (brain box).
+
+    python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
+        [--n 64] [--roi 64 64 64] [--json scores.json]
+
+The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
+(logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
+``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible").sample_one(seed0 + i)``,
+``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
+lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
+(``train.selection_score(..., "dice_f1")``). ``--mean-of-all`` adds the logit mean of all the weights
+(what ``ensemble.py`` would ship). ``--roi`` forces one window size for all (else each sidecar's patch).
+Deterministic: the same weights and seeds give the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+MEAN_OF_ALL = "mean-of-all"
+
+
+def _pooled(c) -> dict:
+    inter, total, tp, fp, fn = c
+    dice = 2 * inter / total if total else 1.0
+    f1 = tp / (tp + 0.5 * (fp + fn)) if (tp + fp + fn) else 1.0
+    return {"dice": round(dice, 4), "lesion_f1": round(f1, 4), "score": round(0.5 * (dice + f1), 4),
+            "tp": tp, "fp": fp, "fn": fn}
+
+
+def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None) -> dict:
+    """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes."""
+    from .metrics import lesion_metrics
+    from .synth import SynthGenerator
+
+    gen = generator or SynthGenerator("cpu", label_rule="visible")
+    names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
+    counts = {k: [0.0, 0.0, 0, 0, 0] for k in names}
+    for i in range(n):
+        x, y = gen.sample_one(seed0 + i)
+        x, y = x.cpu().numpy(), y[0].cpu().numpy() > 0.5
+        logits = {k: p.logits_model_grid(x) for k, p in predictors.items()}
+        if mean_of_all:
+            logits[MEAN_OF_ALL] = sum(logits.values()) / len(predictors)
+        for k in names:
+            m, c = logits[k] >= 0, counts[k]
+            c[0] += float((m & y).sum())
+            c[1] += float(m.sum() + y.sum())
+            lm = lesion_metrics(m, y, 0.008)
+            c[2], c[3], c[4] = c[2] + lm["tp"], c[3] + lm["fp"], c[4] + lm["fn"]
+        if progress:
+            progress(i + 1, {k: _pooled(c) for k, c in counts.items()})
+    return {k: _pooled(c) for k, c in counts.items()}
+
+
+def main(argv=None):
+    from .predictor import BuiltinPredictor
+    from .train import VAL_SEED0
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
+    ap.add_argument("--n", type=int, default=64, help="synthetic volumes (default 64)")
+    ap.add_argument("--seed0", type=int, default=VAL_SEED0, help="first generator seed (default train.VAL_SEED0)")
+    ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
+    ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    if args.mean_of_all and len(args.weights) < 2:
+        ap.error("--mean-of-all needs at least two weights files")
+    torch.set_num_threads(args.threads)
+    preds = {w: BuiltinPredictor(w, roi=args.roi) for w in args.weights}
+    t0 = time.time()
+
+    def progress(done, figures):
+        if done % 16 == 0 or done == args.n:
+            print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress)
+    print("weights\tDice\tF1\tscore\tTP/FP/FN")
+    for k, m in out.items():
+        print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['tp']}/{m['fp']}/{m['fn']}")
+    if args.json:
+        from nodes.base import write_json_atomic
+
+        write_json_atomic({"n": args.n, "seed0": args.seed0, "roi": args.roi, "scores": out}, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()
