@@ -18,7 +18,7 @@ from models.weights import sha256_file  # noqa: E402
 SMALL = {"channels": [8, 16, 24], "strides": [2, 2], "divisible_by": 4}
 
 
-def _member(folder, seed, hparams=SMALL):
+def _member(folder, seed, hparams=SMALL, label_rule="visible"):
     from models.builtin.network import DEFAULT_HPARAMS
 
     torch.manual_seed(seed)
@@ -27,7 +27,8 @@ def _member(folder, seed, hparams=SMALL):
     torch.save(build_network(hparams).state_dict(), w)
     hp = dict(DEFAULT_HPARAMS, **hparams)
     (folder / "builtin_v1.json").write_text(json.dumps({"hparams": hp, "sha256": sha256_file(w), "seed": seed,
-                                                        "command": f"train --seed {seed}", "patch": [32] * 3}))
+                                                        "command": f"train --seed {seed}", "patch": [32] * 3,
+                                                        "label_rule": label_rule}))
     return w
 
 
@@ -35,7 +36,7 @@ def test_ensemble_logits_are_the_mean_of_its_members(tmp_path):
     members = [_member(tmp_path / f"m{i}", seed=i) for i in range(3)]
     meta = E.join(members, tmp_path / "ens", patch=(32, 32, 32), command="ensemble test")
     w = tmp_path / "ens" / "builtin_v1.pt"
-    assert meta["hparams"]["ensemble"] == 3 and meta["patch"] == [32, 32, 32]
+    assert meta["hparams"]["ensemble"] == 3 and meta["patch"] == [32, 32, 32] and meta["label_rule"] == "visible"
     assert [m["sha256"] for m in meta["members"]] == [sha256_file(m) for m in members]
     assert meta["members"][1]["command"] == "train --seed 1" and meta["sha256"] == sha256_file(w)
     ens = BuiltinPredictor(w)
@@ -59,6 +60,8 @@ def test_ensemble_refuses_bad_members(tmp_path):
     other = _member(tmp_path / "c", 2, {"channels": [8, 16], "strides": [2], "divisible_by": 2})
     with pytest.raises(E.EnsembleError, match="hyper-parameters differ"):
         E.join([a, other], tmp_path / "o1")
+    with pytest.raises(E.EnsembleError, match="different label rules"):
+        E.join([a, _member(tmp_path / "t", 3, label_rule="threshold")], tmp_path / "o0")
     with pytest.raises(E.EnsembleError, match="at least two"):
         E.join([a], tmp_path / "o2")
     E.join([a, b], tmp_path / "ens")
@@ -81,3 +84,20 @@ def test_training_refuses_an_ensemble_as_initial_weights(tmp_path):
     with pytest.raises(SystemExit, match="does not fit this network"):
         T.main(["--out", str(tmp_path / "t"), "--init", str(tmp_path / "ens" / "builtin_v1.pt"), "--steps", "1",
                 "--device", "cpu"])
+
+
+def test_average_is_one_network_with_the_mean_parameters(tmp_path):
+    a, b = _member(tmp_path / "a", 0), _member(tmp_path / "b", 1)
+    meta = E.join([a, b], tmp_path / "soup", average=True)
+    assert "ensemble" not in meta["hparams"] and meta["combination"].startswith("parameter mean")
+    soup = torch.load(tmp_path / "soup" / "builtin_v1.pt", weights_only=True)
+    sa, sb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert list(soup) == list(sa)
+    for k in sa:
+        torch.testing.assert_close(soup[k], (sa[k] + sb[k]) / 2, rtol=0, atol=1e-7)
+    assert not torch.equal(soup[k], sa[k])
+    same = E.join([a, a], tmp_path / "same", average=True)  # the mean of one network with itself is itself
+    assert same["sha256"] != meta["sha256"]
+    assert all(torch.equal(v, sa[k]) for k, v in torch.load(tmp_path / "same" / "builtin_v1.pt",
+                                                            weights_only=True).items())
+    assert not isinstance(BuiltinPredictor(tmp_path / "soup" / "builtin_v1.pt").net, LogitMean)

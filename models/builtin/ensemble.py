@@ -1,14 +1,18 @@
-"""Join built-in weights of one architecture into a logit-mean ensemble stored as one weights file.
+"""Join built-in weights of one architecture into one weights file: a logit-mean ensemble, or with
+``--average`` a single network whose parameters are the members' mean (a "weight soup": one network's
+size and speed; meaningful for members fine-tuned from the same weights).
 
-    python -m models.builtin.ensemble --members R3/builtin_v1.pt H-a/builtin_v1.pt ... --out E
+    python -m models.builtin.ensemble --members R3/builtin_v1.pt H-a/builtin_v1.pt ... --out E [--average]
 
 Each member's SHA-256 is checked against its JSON sidecar before it is read (``weights_only=True``); all
-members must share the same hyper-parameters. ``E/builtin_v1.pt`` holds the members' tensors under
-``members.<i>.`` (``network.LogitMean``); its sidecar records ``"ensemble": n`` in the hyper-parameters,
-the sliding-window patch the app uses for every member (``--patch``, default 64^3), the SHA-256 and
-provenance (command, steps, torch) of each member, and the ensemble's own SHA-256. Calibration and the
-post-processing choice are then made on the ensemble as for single weights (``calibrate.py``,
-``choose_postprocess.py``). Same members in the same order -> a bit-identical file.
+members must share the same hyper-parameters and label rule. The output ``E/builtin_v1.pt`` holds the
+members' tensors under ``members.<i>.`` (``network.LogitMean``, ``"ensemble": n`` in the sidecar's
+hyper-parameters) or, with ``--average``, the mean of each tensor (computed in float64, stored in the
+members' dtype). Its sidecar records the sliding-window patch the app uses (``--patch``, default 64^3),
+the members' label rule (``calibrate.py`` and ``choose_postprocess.py`` generate labels by it), each
+member's SHA-256 and provenance (command, steps, torch) and the file's own SHA-256. Calibration and the
+post-processing choice are then made on the result as for single weights. Same members in the same
+order -> a bit-identical file.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def read_member(path: Path) -> tuple[dict, dict]:
     return meta, torch.load(path, map_location="cpu", weights_only=True)
 
 
-def join(members, out_dir, patch=(64, 64, 64), command=None) -> dict:
+def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> dict:
     """Write ``out_dir/builtin_v1.pt`` and its sidecar; return the sidecar."""
     paths = [Path(m) for m in members]
     if len(paths) < 2:
@@ -58,9 +62,18 @@ def join(members, out_dir, patch=(64, 64, 64), command=None) -> dict:
     for p, m in zip(paths[1:], metas[1:]):
         if m["hparams"] != hp:
             raise EnsembleError(f"{p}: hyper-parameters differ from {paths[0]} ({m['hparams']} vs {hp})")
-    hparams = dict(hp, ensemble=len(paths))
-    net = build_network(hparams)
-    state = {f"members.{i}.{k}": v for i, sd in enumerate(states) for k, v in sd.items()}
+    rules = {m.get("label_rule", "threshold") for m in metas}  # calibrate / choose_postprocess read it
+    if len(rules) > 1:
+        raise EnsembleError(f"members were trained with different label rules ({', '.join(sorted(rules))})")
+    if average:
+        hparams = dict(hp)
+        net = build_network(hparams)
+        state = {k: (sum(sd[k].double() for sd in states) / len(states)).to(v.dtype)
+                 for k, v in states[0].items()}
+    else:
+        hparams = dict(hp, ensemble=len(paths))
+        net = build_network(hparams)
+        state = {f"members.{i}.{k}": v for i, sd in enumerate(states) for k, v in sd.items()}
     net.load_state_dict(state)  # strict: every tensor of every member, nothing else
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,10 +88,13 @@ def join(members, out_dir, patch=(64, 64, 64), command=None) -> dict:
         "n_parameters": count_parameters(net),
         "patch": [int(s) for s in patch],
         "command": command,
+        "label_rule": rules.pop(),
         "members": [dict({"file": str(p), "sha256": m["sha256"]}, **{k: m[k] for k in MEMBER_FIELDS if k in m})
                     for p, m in zip(paths, metas)],
         "input": metas[0].get("input"),
-        "output": "1 logit channel: the mean of the members' logits; sigmoid = lesion probability",
+        "combination": "parameter mean (weight soup)" if average else "logit mean",
+        "output": ("1 logit channel; sigmoid = lesion probability" if average else
+                   "1 logit channel: the mean of the members' logits; sigmoid = lesion probability"),
         "torch": torch.__version__,
         "sha256": sha,
     }
@@ -94,13 +110,16 @@ def main(argv=None):
     ap.add_argument("--members", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
     ap.add_argument("--out", required=True, help="output folder (builtin_v1.pt and builtin_v1.json)")
     ap.add_argument("--patch", nargs=3, type=int, default=[64, 64, 64], help="sliding-window size (default 64^3)")
+    ap.add_argument("--average", action="store_true",
+                    help="one network with the mean of the members' parameters instead of a logit-mean ensemble")
     args = ap.parse_args(argv)
     try:
         meta = join(args.members, args.out, args.patch,
-                    "python -m models.builtin.ensemble " + " ".join(sys.argv[1:] if argv is None else argv))
+                    "python -m models.builtin.ensemble " + " ".join(sys.argv[1:] if argv is None else argv),
+                    average=args.average)
     except EnsembleError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"wrote {Path(args.out) / 'builtin_v1.pt'}: {len(meta['members'])} members, "
+    print(f"wrote {Path(args.out) / 'builtin_v1.pt'}: {meta['combination']} of {len(meta['members'])} members, "
           f"{meta['n_parameters']} parameters, sha256 {meta['sha256'][:16]}...")
 
 
