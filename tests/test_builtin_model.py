@@ -74,7 +74,7 @@ def test_generator_deterministic_and_labels_sane(gen):
 
 
 def _write_weights(tmp_path, seed=0):
-    from models.builtin.train import sha256_file
+    from models.weights import sha256_file
 
     torch.manual_seed(seed)
     net = build_network()
@@ -142,6 +142,7 @@ def test_postprocess_removes_small_components():
 
 def test_training_smoke_with_resume(tmp_path, monkeypatch):
     import models.builtin.train as T
+    from models.weights import sha256_file
 
     monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
     common = ["--out", str(tmp_path), "--batch", "1", "--device", "cpu", "--patch", "32", "32", "32",
@@ -154,7 +155,7 @@ def test_training_smoke_with_resume(tmp_path, monkeypatch):
     assert ck["step"] == 2 and meta["steps_done"] == 2
     assert 0.0 <= meta["synthetic_val_dice"] <= 1.0 and meta["selected_step"] in (1, 2)
     w = tmp_path / "builtin_v1.pt"
-    assert T.sha256_file(w) == json.loads((tmp_path / "builtin_v1.json").read_text())["sha256"]
+    assert sha256_file(w) == json.loads((tmp_path / "builtin_v1.json").read_text())["sha256"]
     sd = torch.load(w, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     P.BuiltinPredictor(w)  # loads through the integrity check

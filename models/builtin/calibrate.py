@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .weights_file import write_json
 
 CAL_SEED0 = 950_000_000
 N_BINS = 15
@@ -90,9 +91,7 @@ def write_sidecar_entry(weights, key: str, value) -> None:
     side = Path(weights).with_suffix(".json")
     meta = json.loads(side.read_text())
     meta[key] = value
-    tmp = side.with_name(side.name + ".part")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, side)
+    write_json(side, meta)
 
 
 def main(argv=None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from models.weights import sha256_file
 
 from .network import build_network, count_parameters
+from .weights_file import write_weights
 
 # sidecar fields of each member kept in the ensemble's provenance
 MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
@@ -75,13 +75,6 @@ def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> d
         net = build_network(hparams)
         state = {f"members.{i}.{k}": v for i, sd in enumerate(states) for k, v in sd.items()}
     net.load_state_dict(state)  # strict: every tensor of every member, nothing else
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    wpath = out / "builtin_v1.pt"
-    tmp = wpath.with_name(wpath.name + ".part")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, wpath)
-    sha = sha256_file(wpath)
     meta = {
         "name": "builtin_v1",
         "hparams": hparams,
@@ -96,12 +89,8 @@ def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> d
         "output": ("1 logit channel; sigmoid = lesion probability" if average else
                    "1 logit channel: the mean of the members' logits; sigmoid = lesion probability"),
         "torch": torch.__version__,
-        "sha256": sha,
     }
-    side = wpath.with_suffix(".json")
-    tmp = side.with_name(side.name + ".part")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, side)
+    write_weights(net.state_dict(), out_dir, meta)
     return meta
 
 

@@ -16,7 +16,6 @@ Deterministic: the same weights and seeds give the same figures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -86,9 +85,9 @@ def main(argv=None):
     for k, m in out.items():
         print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['tp']}/{m['fp']}/{m['fn']}")
     if args.json:
-        from nodes.base import write_json_atomic
+        from .weights_file import write_json
 
-        write_json_atomic({"n": args.n, "seed0": args.seed0, "roi": args.roi, "scores": out}, args.json)
+        write_json(args.json, {"n": args.n, "seed0": args.seed0, "roi": args.roi, "scores": out})
     return out
 
 

@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.weights import sha256_file
-
 from .loss import LesionWeightedDiceCE
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import SynthGenerator
 from .transforms import random_crop
+from .weights_file import write_weights
 
 VAL_SEED0 = 900_000_000  # validation volumes: seeds far from any training seed
 
@@ -304,9 +303,6 @@ def main(argv=None):
                     "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     state = best["state"] if best["state"] is not None else {k: v.detach().cpu() for k, v in net.state_dict().items()}
     state = {k: v.float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
-    wpath = out / "builtin_v1.pt"
-    torch.save(state, wpath)
-    sha = sha256_file(wpath)
     meta = {
         "name": "builtin_v1",
         "hparams": hp,
@@ -332,7 +328,6 @@ def main(argv=None):
         "train_minutes": round((time.time() - t0) / 60, 2),
         "input": "[dwi_n, adc_n] from models.builtin.transforms.normalize_channels, RAS 2 mm grid",
         "output": "1 logit channel, sigmoid = lesion probability",
-        "sha256": sha,
     }
     if real is not None:
         meta["real_data"] = {"path": str(args.real_data), "cases": real.ids, "fraction": args.real_fraction}
@@ -340,8 +335,9 @@ def main(argv=None):
         m = eval_real(state, hp, args.eval_real, roi=patch)
         meta["real_case_info_only"] = m
         _log(f"real case (information only): {json.dumps(m)}")
-    (out / "builtin_v1.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _log(f"wrote {wpath} ({wpath.stat().st_size / 1e6:.2f} MB, sha256 {sha[:16]}...) in {(time.time() - t0) / 60:.1f} min")
+    wpath = write_weights(state, out, meta)
+    _log(f"wrote {wpath} ({wpath.stat().st_size / 1e6:.2f} MB, sha256 {meta['sha256'][:16]}...) in "
+         f"{(time.time() - t0) / 60:.1f} min")
     return meta
 
 
