@@ -53,7 +53,7 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
             lm = lesion_metrics(m, y, 0.008)
             c[2], c[3], c[4] = c[2] + lm["tp"], c[3] + lm["fp"], c[4] + lm["fn"]
         if progress:
-            progress(i + 1, {k: _pooled(c) for k, c in counts.items()})
+            progress(i + 1)
     return {k: _pooled(c) for k, c in counts.items()}
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
     preds = {w: BuiltinPredictor(w, roi=args.roi) for w in args.weights}
     t0 = time.time()
 
-    def progress(done, figures):
+    def progress(done):
         if done % 16 == 0 or done == args.n:
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
