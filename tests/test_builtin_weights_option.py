@@ -1,5 +1,6 @@
 """``--builtin-weights``: the app runs the built-in model from weights the user trained or joined."""
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -48,9 +49,10 @@ def test_user_weights_run_and_are_recorded(tmp_path, capsys):
     bids = make_isles22(tmp_path / "bids", subjects=("isles",), sessions=["0001"], flair=False, step=1)
     base = ["participant", "--nprocs", "2"]
     assert main([str(bids), str(tmp_path / "o1"), *base, "-w", str(tmp_path / "w1")]) == 0
-    meta = join([SHIPPED, SHIPPED], tmp_path / "twice")
+    folder = tmp_path / "twice <b>&"  # a path the report must escape
+    meta = join([SHIPPED, SHIPPED], folder)
     shipped = json.loads(SHIPPED.with_suffix(".json").read_text())
-    mine = tmp_path / "twice" / "builtin_v1.pt"
+    mine = folder / "builtin_v1.pt"
     for key in ("calibration", "postprocess"):
         write_sidecar_entry(mine, key, shipped[key])
     assert main([str(bids), str(tmp_path / "o2"), *base, "-w", str(tmp_path / "w2"),
@@ -67,9 +69,11 @@ def test_user_weights_run_and_are_recorded(tmp_path, capsys):
     assert side["Models"][0]["weights_file"] == str(mine)
     report = (tmp_path / "o2" / "sub-isles.html").read_text()  # the segment step's own record
     assert meta["sha256"] in report and shipped["sha256"] not in report
+    assert f"the user's weights: <span class=\"mono\">{html.escape(str(mine))}</span>" in report
+    assert "twice <b>" not in report
 
     bad = tmp_path / "bad" / "builtin_v1.pt"
-    shutil.copytree(tmp_path / "twice", bad.parent)
+    shutil.copytree(folder, bad.parent)
     with open(bad, "r+b") as fh:
         fh.seek(4000)
         fh.write(b"\x00\x01\x02")

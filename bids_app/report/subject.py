@@ -102,7 +102,8 @@ def _models(models) -> list[dict]:
     out = []
     for m in models:
         m = m if isinstance(m, dict) else {"name": m}
-        out.append({"name": fmt_value(m.get("name")), "sha": fmt_value(m.get("weights_sha256"))})
+        out.append({"name": fmt_value(m.get("name")), "sha": fmt_value(m.get("weights_sha256")),
+                    "file": fmt_value(m["weights_file"]) if m.get("weights_file") else None})
     return out
 
 
