@@ -30,13 +30,6 @@ POST_SEED0 = 970_000_000
 GROW_LOWS = (0.2, 0.3, 0.4)
 
 
-def _pooled(counts) -> dict:
-    inter2, total, tp, fp, fn = counts
-    return {"dice": round(float(inter2 / total), 4) if total else 1.0,
-            "lesion_f1": round(float(tp / (tp + 0.5 * (fp + fn))), 4) if (tp + fp + fn) else 1.0,
-            "tp": int(tp), "fp": int(fp), "fn": int(fn)}
-
-
 def candidate_masks(prob, dwi, adc, brain):
     """``{name: mask}`` of every option the rule compares, for one volume."""
     from models.contrast_filter import contrast_filter
@@ -56,20 +49,18 @@ def measure(predictor, generator, n: int, seed0: int = POST_SEED0) -> dict:
     """Pooled metrics of every option over ``n`` synthetic volumes."""
     import nibabel as nib
 
-    from .metrics import lesion_metrics
+    from .metrics import Pooled
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])  # the generator's grid: RAS 2 mm
-    sums: dict[str, np.ndarray] = {}
+    pooled: dict[str, Pooled] = {}
     for i in range(n):
         x, y = generator.sample_one(seed0 + i)
         dwi, adc = x[0].numpy(), x[1].numpy()
         gt = y[0].numpy() > 0
         prob = predictor.predict(nib.Nifti1Image(dwi, affine), nib.Nifti1Image(adc, affine))
         for name, mask in candidate_masks(prob, dwi, adc, adc > 0).items():
-            m = lesion_metrics(mask, gt, 0.008)
-            row = [2 * np.logical_and(mask, gt).sum(), mask.sum() + gt.sum(), m["tp"], m["fp"], m["fn"]]
-            sums[name] = sums.get(name, 0) + np.asarray(row, dtype=np.float64)
-    return {name: _pooled(c) for name, c in sums.items()}
+            pooled.setdefault(name, Pooled()).add(mask, gt)
+    return {name: {k: v for k, v in p.result().items() if k != "score"} for name, p in pooled.items()}
 
 
 def _not_worse(a: dict, b: dict) -> bool:

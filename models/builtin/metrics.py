@@ -59,3 +59,26 @@ def lesion_metrics(pred: np.ndarray, gt: np.ndarray, voxel_ml: float) -> dict:
         "gt_ml": float(gt.sum() * voxel_ml),
         "n_pred": int(npred), "n_gt": int(ng),
     }
+
+
+class Pooled:
+    """Dice and lesion-wise F1 pooled over volumes: summed overlaps and summed TP / FP / FN."""
+
+    def __init__(self):
+        self.inter2 = self.total = 0.0
+        self.tp = self.fp = self.fn = 0
+
+    def add(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+        m = lesion_metrics(pred, gt, 0.008)
+        self.inter2 += 2.0 * float(np.logical_and(pred, gt).sum())
+        self.total += float(pred.sum() + gt.sum())
+        self.tp, self.fp, self.fn = self.tp + m["tp"], self.fp + m["fp"], self.fn + m["fn"]
+
+    def result(self) -> dict:
+        """Pooled Dice (1 when both are empty), lesion F1, their mean ``score`` (4 decimals), TP / FP / FN."""
+        dice = self.inter2 / self.total if self.total else 1.0
+        errors = self.tp + 0.5 * (self.fp + self.fn)
+        f1 = self.tp / errors if errors else 1.0
+        return {"dice": round(dice, 4), "lesion_f1": round(f1, 4), "score": round(0.5 * (dice + f1), 4),
+                "tp": int(self.tp), "fp": int(self.fp), "fn": int(self.fn)}

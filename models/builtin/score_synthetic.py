@@ -24,22 +24,14 @@ import torch
 MEAN_OF_ALL = "mean-of-all"
 
 
-def _pooled(c) -> dict:
-    inter, total, tp, fp, fn = c
-    dice = 2 * inter / total if total else 1.0
-    f1 = tp / (tp + 0.5 * (fp + fn)) if (tp + fp + fn) else 1.0
-    return {"dice": round(dice, 4), "lesion_f1": round(f1, 4), "score": round(0.5 * (dice + f1), 4),
-            "tp": tp, "fp": fp, "fn": fn}
-
-
 def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None) -> dict:
     """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes."""
-    from .metrics import lesion_metrics
+    from .metrics import Pooled
     from .synth import SynthGenerator
 
     gen = generator or SynthGenerator("cpu", label_rule="visible")
     names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
-    counts = {k: [0.0, 0.0, 0, 0, 0] for k in names}
+    pooled = {k: Pooled() for k in names}
     for i in range(n):
         x, y = gen.sample_one(seed0 + i)
         x, y = x.cpu().numpy(), y[0].cpu().numpy() > 0.5
@@ -47,14 +39,10 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
         if mean_of_all:
             logits[MEAN_OF_ALL] = sum(logits.values()) / len(predictors)
         for k in names:
-            m, c = logits[k] >= 0, counts[k]
-            c[0] += float((m & y).sum())
-            c[1] += float(m.sum() + y.sum())
-            lm = lesion_metrics(m, y, 0.008)
-            c[2], c[3], c[4] = c[2] + lm["tp"], c[3] + lm["fp"], c[4] + lm["fn"]
+            pooled[k].add(logits[k] >= 0, y)
         if progress:
             progress(i + 1)
-    return {k: _pooled(c) for k, c in counts.items()}
+    return {k: p.result() for k, p in pooled.items()}
 
 
 def main(argv=None):
