@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from pathlib import Path
@@ -136,16 +135,12 @@ def models_provenance(members, weights_dir, builtin_weights=None) -> list[dict]:
 
 def check_builtin_weights(path) -> str:
     """SHA-256 of the user's built-in weights after checking it against their sidecar (66 otherwise)."""
-    from models.weights import verify
+    from models.builtin.weights_file import WeightsIntegrityError, verified_sidecar
 
-    side = Path(path).with_suffix(".json")
     try:
-        expected = json.loads(side.read_text(encoding="utf-8")).get("sha256")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise WeightsError(f"{side}: unreadable sidecar of the built-in weights ({exc})") from None
-    if not expected:
-        raise WeightsError(f"{side}: no \"sha256\" in the sidecar of the built-in weights")
-    return verify(path, expected)
+        return verified_sidecar(path)["sha256"]
+    except WeightsIntegrityError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 def verify_weights_manifest(config: RunConfig, members) -> None:

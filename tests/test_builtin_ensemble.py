@@ -68,7 +68,7 @@ def test_ensemble_refuses_bad_members(tmp_path):
     with pytest.raises(E.EnsembleError, match="is itself an ensemble"):
         E.join([a, tmp_path / "ens" / "builtin_v1.pt"], tmp_path / "o3")
     b.write_bytes(b.read_bytes() + b"x")  # tampered after its sidecar was written: never unpickled
-    with pytest.raises(E.EnsembleError, match="does not match its sidecar"):
+    with pytest.raises(E.EnsembleError, match="does not match the sidecar"):
         E.join([a, b], tmp_path / "o4")
     (tmp_path / "a" / "builtin_v1.json").unlink()
     with pytest.raises(SystemExit, match="no sidecar"):

@@ -18,16 +18,14 @@ order -> a bit-identical file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from models.weights import sha256_file
 
 from .network import build_network, count_parameters
-from .weights_file import write_weights
+from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
 # sidecar fields of each member kept in the ensemble's provenance
 MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
@@ -40,16 +38,13 @@ class EnsembleError(ValueError):
 
 def read_member(path: Path) -> tuple[dict, dict]:
     """(sidecar, state dict) of one member; the SHA-256 is checked before the file is deserialised."""
-    side = path.with_suffix(".json")
-    if not side.is_file():
-        raise EnsembleError(f"{path}: no sidecar {side.name} with its SHA-256")
-    meta = json.loads(side.read_text())
-    sha = sha256_file(path)
-    if sha != meta.get("sha256"):
-        raise EnsembleError(f"{path}: SHA-256 {sha} does not match its sidecar ({meta.get('sha256')})")
+    try:
+        meta, state = read_verified(path)
+    except WeightsIntegrityError as exc:
+        raise EnsembleError(str(exc)) from None
     if int(meta.get("hparams", {}).get("ensemble", 1)) != 1:
         raise EnsembleError(f"{path}: is itself an ensemble; give its members instead")
-    return meta, torch.load(path, map_location="cpu", weights_only=True)
+    return meta, state
 
 
 def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> dict:

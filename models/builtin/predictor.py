@@ -25,16 +25,15 @@ weights_only=True)``. Same input -> bit-identical output (deterministic algorith
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from models.weights import sha256_file
 
 from .network import DEFAULT_HPARAMS, build_network
+from .weights_file import WeightsIntegrityError, read_verified  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = HERE / "weights" / "builtin_v1.pt"
@@ -42,10 +41,6 @@ ROI = (96, 112, 96)
 # margin around the brain's box on the model grid: the median brain-to-edge margin of generated training
 # volumes (synth.FOV around the warped atlas brain; 11, 11-12, 9.5-11 voxels per axis over 24 volumes)
 BRAIN_MARGIN_VOX = 11
-
-
-class WeightsIntegrityError(RuntimeError):
-    """The weights file does not match the SHA-256 recorded in its sidecar."""
 
 
 @contextlib.contextmanager
@@ -134,23 +129,9 @@ class BuiltinPredictor:
             state = _state
         else:
             self.weights = Path(weights) if weights else DEFAULT_WEIGHTS
-            side = self.weights.with_suffix(".json")
-            if not side.exists():
-                raise WeightsIntegrityError(f"{self.weights}: no sidecar {side.name} with the SHA-256")
-            meta = json.loads(side.read_text())  # noqa: F811
-            sha = sha256_file(self.weights)
-            if sha != meta.get("sha256"):
-                raise WeightsIntegrityError(
-                    f"{self.weights}: SHA-256 {sha} does not match the sidecar ({meta.get('sha256')}); refusing to load")
-            self._sha = sha
+            meta, state = read_verified(self.weights)
+            self._sha = meta["sha256"]
             self.hparams = dict(DEFAULT_HPARAMS, **meta.get("hparams", {}))
-            try:
-                state = torch.load(self.weights, map_location="cpu", weights_only=True)
-            except Exception as exc:  # pickled objects, truncated or foreign files: one clear line
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                raise WeightsIntegrityError(
-                    f"{self.weights}: refused to load: not a plain weights file readable with "
-                    f"weights_only=True ({type(exc).__name__}: {first})") from None
         self.meta = meta  # the sidecar (empty for an in-memory state dict)
         # probability calibration (models/builtin/calibrate.py): sigmoid(logit / T); T=1 when absent
         self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
