@@ -183,7 +183,8 @@ def main(argv=None):
         try:
             res = net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True), strict=False)
         except RuntimeError as exc:  # tensor shapes differ
-            raise SystemExit(f"{args.init}: does not fit this network ({str(exc).splitlines()[1].strip()})")
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise SystemExit(f"{args.init}: does not fit this network ({(lines[1:] or lines or [type(exc).__name__])[0]})")
         # only the parameters of norm layers the initial weights did not have may be missing
         if res.unexpected_keys or any(".adn.N." not in k for k in res.missing_keys):
             raise SystemExit(f"{args.init}: does not fit this network (missing {res.missing_keys[:3]}, "
