@@ -67,12 +67,18 @@ def test_ensemble_refuses_bad_members(tmp_path):
     E.join([a, b], tmp_path / "ens")
     with pytest.raises(E.EnsembleError, match="is itself an ensemble"):
         E.join([a, tmp_path / "ens" / "builtin_v1.pt"], tmp_path / "o3")
+    pickled = tmp_path / "p" / "builtin_v1.pt"
+    pickled.parent.mkdir()
+    torch.save({"net": torch.nn.Linear(2, 1)}, pickled)  # a pickled module, with a matching sidecar
+    pickled.with_suffix(".json").write_text(json.dumps({"sha256": sha256_file(pickled)}))
+    with pytest.raises(E.EnsembleError, match="refused to load: not a plain weights file"):
+        E.join([a, pickled], tmp_path / "o5")
     b.write_bytes(b.read_bytes() + b"x")  # tampered after its sidecar was written: never unpickled
     with pytest.raises(E.EnsembleError, match="does not match the sidecar"):
         E.join([a, b], tmp_path / "o4")
     (tmp_path / "a" / "builtin_v1.json").unlink()
     with pytest.raises(SystemExit, match="no sidecar"):
-        E.main(["--members", str(a), str(b), "--out", str(tmp_path / "o5")])
+        E.main(["--members", str(a), str(b), "--out", str(tmp_path / "o6")])
     assert not (tmp_path / "o4").exists() or not any((tmp_path / "o4").iterdir())
 
 
