@@ -183,6 +183,29 @@ def test_training_release3_options(tmp_path, monkeypatch):
     assert T.selection_score(val, "dice_f1") == pytest.approx(0.5 * (val["dice"] + val["lesion_f1"]))
 
 
+def test_training_validation_seeds_can_be_moved(tmp_path, monkeypatch):
+    """``--val-seed0`` moves step selection onto other volumes (apart from score_synthetic's); the default
+    stays ``VAL_SEED0``, and the sidecar records the seeds used."""
+    import models.builtin.train as T
+
+    seen = []
+
+    class Recording(SynthGenerator):
+        def sample_one(self, seed):
+            seen.append(seed)
+            return super().sample_one(seed)
+
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: Recording(device, fov=SMALL_FOV, **kw))
+    common = ["--batch", "1", "--device", "cpu", "--patch", "32", "32", "32", "--val-every", "1",
+              "--val-n", "2", "--steps", "1", "--seed", "0"]
+    meta = T.main(["--out", str(tmp_path / "a")] + common)
+    val = lambda: {s for s in seen if s >= 5000}  # noqa: E731  (training draws seed 0 at --seed 0, step 0)
+    assert val() == {T.VAL_SEED0, T.VAL_SEED0 + 1} and meta["val_seeds"] == [T.VAL_SEED0, T.VAL_SEED0 + 1]
+    seen.clear()
+    meta = T.main(["--out", str(tmp_path / "b"), "--val-seed0", "5000"] + common)
+    assert val() == {5000, 5001} and meta["val_seeds"] == [5000, 5001]
+
+
 def test_training_other_widths_load_in_the_predictor(tmp_path, monkeypatch):
     """``--channels`` changes the U-Net width and depth; the sidecar carries it to the predictor."""
     import models.builtin.train as T

@@ -50,9 +50,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 @torch.no_grad()
-def validate(net, gen, n, device, amp, patch):
+def validate(net, gen, n, device, amp, patch, seed0=VAL_SEED0):
     """Pooled Dice and lesion-wise F1 (26-connectivity, pooled TP/FP/FN) over ``n`` held-out synthetic
-    volumes, with the app's sliding-window inference (``patch`` windows, overlap 0.25, gaussian):
+    volumes (generator seeds ``seed0 + i``), with the app's sliding-window inference (``patch`` windows, overlap 0.25, gaussian):
     instance-norm statistics as in training and at inference."""
     from monai.inferers import SlidingWindowInferer
 
@@ -64,7 +64,7 @@ def validate(net, gen, n, device, amp, patch):
     inter = tot = 0.0
     tp = fp = fn = 0
     for i in range(n):
-        x, y = gen.sample_one(VAL_SEED0 + i)
+        x, y = gen.sample_one(seed0 + i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             p = inferer(x[None].to(device), net).float()
         pr = (p > 0).float()
@@ -123,6 +123,9 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--val-every", type=int, default=200)
     ap.add_argument("--val-n", type=int, default=8)
+    ap.add_argument("--val-seed0", type=int, default=VAL_SEED0,
+                    help="first generator seed of the validation volumes (default VAL_SEED0); an offset keeps "
+                         "step selection apart from the volumes score_synthetic reports on")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--time-budget-min", type=float, default=None)
     ap.add_argument("--schedule-by-time", action="store_true",
@@ -283,7 +286,7 @@ def main(argv=None):
             _log(f"step {step}/{args.steps} loss {run_loss:.4f} lr {sched.get_last_lr()[0]:.2e} "
                  f"{(step - s_loop) / max(el, 1e-9):.3f} steps/s elapsed {(time.time() - t0) / 60:.1f} min")
         if args.val_every and step % args.val_every == 0:
-            vm = validate(net, gen, args.val_n, device, amp, patch)
+            vm = validate(net, gen, args.val_n, device, amp, patch, args.val_seed0)
             vd = selection_score(vm, args.select)
             if vd > best["val_dice"]:
                 best = {"val_dice": vd, "step": step, "val": vm,
@@ -296,7 +299,7 @@ def main(argv=None):
 
     # final validation, choose the weights (best synthetic --select score; real data never used)
     if args.val_every and step > 0:
-        vm = validate(net, gen, args.val_n, device, amp, patch)
+        vm = validate(net, gen, args.val_n, device, amp, patch, args.val_seed0)
         vd = selection_score(vm, args.select)
         _log(f"final synthetic validation Dice {vm['dice']:.4f} lesion F1 {vm['lesion_f1']:.4f} score {vd:.4f}")
         if vd >= best["val_dice"]:
@@ -317,6 +320,7 @@ def main(argv=None):
         "selected_step": best["step"],
         "synthetic_val_dice": (best.get("val") or {}).get("dice"),
         "synthetic_val": best.get("val"),
+        "val_seeds": [args.val_seed0, args.val_seed0 + args.val_n - 1] if args.val_every else None,
         "selection": args.select,
         "label_rule": args.label_rule,
         "small_lesion_weight": args.small_lesion_weight,
