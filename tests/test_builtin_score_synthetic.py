@@ -50,6 +50,7 @@ def test_pooled_figures_match_a_direct_count():
     assert (got["noisy"]["tp"], got["noisy"]["fp"], got["noisy"]["fn"]) == (tp, fp, fn) and fp > 0
     f1 = tp / (tp + 0.5 * (fp + fn))
     assert got["noisy"]["score"] == round(0.5 * (2 * inter / total + f1), 4)
+    assert got["noisy"]["score_unrounded"] == pytest.approx(0.5 * (2 * inter / total + f1), abs=1e-12)
 
 
 def test_cli_scores_weights_and_their_mean(tmp_path, monkeypatch, capsys):

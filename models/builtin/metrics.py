@@ -75,10 +75,12 @@ class Pooled:
         self.total += float(pred.sum() + gt.sum())
         self.tp, self.fp, self.fn = self.tp + m["tp"], self.fp + m["fp"], self.fn + m["fn"]
 
-    def result(self) -> dict:
-        """Pooled Dice (1 when both are empty), lesion F1, their mean ``score`` (4 decimals), TP / FP / FN."""
+    def result(self, digits=4) -> dict:
+        """Pooled Dice (1 when both are empty), lesion F1, their mean ``score`` (``digits`` decimals; None:
+        unrounded), TP / FP / FN."""
         dice = self.inter2 / self.total if self.total else 1.0
         errors = self.tp + 0.5 * (self.fp + self.fn)
         f1 = self.tp / errors if errors else 1.0
-        return {"dice": round(dice, 4), "lesion_f1": round(f1, 4), "score": round(0.5 * (dice + f1), 4),
+        r = (lambda v: v) if digits is None else (lambda v: round(v, digits))
+        return {"dice": r(dice), "lesion_f1": r(f1), "score": r(0.5 * (dice + f1)),
                 "tp": int(self.tp), "fp": int(self.fp), "fn": int(self.fn)}

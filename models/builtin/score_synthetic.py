@@ -8,8 +8,8 @@ The figure every release decision in ``MODEL_CARD.md`` is based on: for each wei
 ``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible").sample_one(seed0 + i)``,
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
-(``train.selection_score(..., "dice_f1")``). ``--mean-of-all`` adds the logit mean of all the weights
-(what ``ensemble.py`` would ship). ``--roi`` forces one window size for all (else each sidecar's patch).
+(``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).
+``--mean-of-all`` adds the logit mean of all the weights (what ``ensemble.py`` would ship). ``--roi`` forces one window size for all (else each sidecar's patch).
 Deterministic: the same weights and seeds give the same figures.
 """
 
@@ -42,7 +42,8 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
             pooled[k].add(logits[k] >= 0, y)
         if progress:
             progress(i + 1)
-    return {k: p.result() for k, p in pooled.items()}
+    # the unrounded score too: a release bar (+0.01) can fall inside the 4-decimal rounding
+    return {k: {**p.result(), "score_unrounded": p.result(digits=None)["score"]} for k, p in pooled.items()}
 
 
 def main(argv=None):
@@ -69,9 +70,10 @@ def main(argv=None):
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress)
-    print("weights\tDice\tF1\tscore\tTP/FP/FN")
+    print("weights\tDice\tF1\tscore\tunrounded\tTP/FP/FN")
     for k, m in out.items():
-        print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['tp']}/{m['fp']}/{m['fn']}")
+        print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['score_unrounded']:.6f}\t"
+              f"{m['tp']}/{m['fp']}/{m['fn']}")
     if args.json:
         from .weights_file import write_json
 
