@@ -9,7 +9,8 @@ The figure every release decision in ``MODEL_CARD.md`` is based on: for each wei
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
 (``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).
-``--mean-of-all`` adds the logit mean of all the weights (what ``ensemble.py`` would ship). ``--roi`` forces one window size for all (else each sidecar's patch).
+``--mean-of-all`` adds the logit mean of all the weights (what ``ensemble.py`` would ship). ``--roi`` forces
+one window size for all (else each sidecar's patch).
 Deterministic: the same weights and seeds give the same figures.
 """
 
