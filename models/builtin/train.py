@@ -52,8 +52,8 @@ def step_seed(seed: int, step: int) -> int:
 @torch.no_grad()
 def validate(net, gen, n, device, amp, patch, seed0=VAL_SEED0):
     """Pooled Dice and lesion-wise F1 (26-connectivity, pooled TP/FP/FN) over ``n`` held-out synthetic
-    volumes (generator seeds ``seed0 + i``), with the app's sliding-window inference (``patch`` windows, overlap 0.25, gaussian):
-    instance-norm statistics as in training and at inference."""
+    volumes (generator seeds ``seed0 + i``), with the app's sliding-window inference (``patch`` windows,
+    overlap 0.25, gaussian): instance-norm statistics as in training and at inference."""
     from monai.inferers import SlidingWindowInferer
 
     from .metrics import lesion_metrics
