@@ -56,26 +56,20 @@ def validate(net, gen, n, device, amp, patch, seed0=VAL_SEED0):
     overlap 0.25, gaussian): instance-norm statistics as in training and at inference."""
     from monai.inferers import SlidingWindowInferer
 
-    from .metrics import lesion_metrics
+    from .metrics import Pooled
 
     inferer = SlidingWindowInferer(roi_size=tuple(patch), sw_batch_size=1, overlap=0.25, mode="gaussian",
                                    padding_mode="constant", cval=0.0)
     net.eval()
-    inter = tot = 0.0
-    tp = fp = fn = 0
+    pooled = Pooled()
     for i in range(n):
         x, y = gen.sample_one(seed0 + i)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             p = inferer(x[None].to(device), net).float()
-        pr = (p > 0).float()
-        inter += float((pr * y[None]).sum())
-        tot += float(pr.sum() + y.sum())
-        m = lesion_metrics(pr[0, 0].cpu().numpy(), y[0].cpu().numpy(), 0.008)
-        tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        pooled.add(p[0, 0].cpu().numpy() > 0, y[0].cpu().numpy())
     net.train()
-    dice = 2 * inter / tot if tot else 1.0
-    f1 = tp / (tp + 0.5 * (fp + fn)) if (tp + fp + fn) else 1.0
-    return {"dice": dice, "lesion_f1": f1}
+    r = pooled.result(digits=None)
+    return {"dice": r["dice"], "lesion_f1": r["lesion_f1"]}
 
 
 def selection_score(val: dict, rule: str) -> float:
