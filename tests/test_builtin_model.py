@@ -16,6 +16,7 @@ from models.builtin import predictor as P  # noqa: E402
 from models.builtin.network import DEFAULT_HPARAMS, build_network, count_parameters  # noqa: E402
 from models.builtin.synth import SynthGenerator  # noqa: E402
 from models.builtin.transforms import normalize_channels, normalize_channels_torch, random_crop  # noqa: E402
+from models.builtin.weights_file import write_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "bids_app" / "data" / "demo" / "isles22-sample"
@@ -226,8 +227,7 @@ def test_training_batch_norm_from_instance_norm_weights(tmp_path, monkeypatch):
     import models.builtin.train as T
 
     monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
-    init = tmp_path / "in.pt"
-    torch.save(build_network({"channels": [8, 16, 24], "strides": [2, 2]}).state_dict(), init)
+    init = write_weights(build_network({"channels": [8, 16, 24], "strides": [2, 2]}).state_dict(), tmp_path / "in", {})
     common = ["--batch", "2", "--device", "cpu", "--patch", "32", "32", "32", "--val-every", "0", "--steps", "1",
               "--channels", "8", "16", "24", "--init", str(init)]
     meta = T.main(["--out", str(tmp_path / "bn")] + common + ["--norm", "batch"])
@@ -236,6 +236,13 @@ def test_training_batch_norm_from_instance_norm_weights(tmp_path, monkeypatch):
     assert isinstance(pred.net.model[0].conv.unit0.adn.N, torch.nn.BatchNorm3d) and not pred.net.training
     with pytest.raises(SystemExit, match="does not fit"):
         T.main(["--out", str(tmp_path / "bad")] + common[:-2] + ["--init", str(P.DEFAULT_WEIGHTS)])
+    # initial weights are read like the app's: SHA-256 against the sidecar before anything is unpickled
+    init.write_bytes(init.read_bytes() + b"x")
+    with pytest.raises(SystemExit, match="does not match the sidecar"):
+        T.main(["--out", str(tmp_path / "tampered")] + common)
+    init.with_suffix(".json").unlink()
+    with pytest.raises(SystemExit, match="no sidecar"):
+        T.main(["--out", str(tmp_path / "lone")] + common)
 
 
 @pytest.mark.skipif(not P.DEFAULT_WEIGHTS.exists() or not SAMPLE.exists(), reason="no shipped weights / sample")

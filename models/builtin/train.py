@@ -36,7 +36,7 @@ from .loss import LesionWeightedDiceCE
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import SynthGenerator
 from .transforms import random_crop
-from .weights_file import write_weights
+from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
 VAL_SEED0 = 900_000_000  # validation volumes: seeds far from any training seed
 
@@ -131,7 +131,9 @@ def main(argv=None):
                     help="normalisation layers (default instance). batch: running statistics at inference, so "
                          "a window's result no longer depends on what else the window holds; with --init from "
                          "instance-norm weights the new norm layers start with unit scale and zero shift")
-    ap.add_argument("--init", default=None, help="start from these weights (state_dict .pt; fine-tuning)")
+    ap.add_argument("--init", default=None,
+                    help="start from these weights (fine-tuning): a state_dict .pt beside its JSON sidecar, "
+                         "checked by SHA-256 before it is read")
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-real", default=None)
@@ -177,11 +179,16 @@ def main(argv=None):
     gen = SynthGenerator(device, label_rule=args.label_rule)
     patch = patch or gen.fov
     if args.init:
+        try:  # SHA-256 against the sidecar before anything is unpickled, as for the app
+            _, init_state = read_verified(args.init)
+        except WeightsIntegrityError as exc:
+            raise SystemExit(str(exc)) from None
         try:
-            res = net.load_state_dict(torch.load(args.init, map_location=device, weights_only=True), strict=False)
+            res = net.load_state_dict(init_state, strict=False)
         except RuntimeError as exc:  # tensor shapes differ
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            raise SystemExit(f"{args.init}: does not fit this network ({(lines[1:] or lines or [type(exc).__name__])[0]})")
+            why = (lines[1:] or lines or [type(exc).__name__])[0]
+            raise SystemExit(f"{args.init}: does not fit this network ({why})")
         # only the parameters of norm layers the initial weights did not have may be missing
         if res.unexpected_keys or any(".adn.N." not in k for k in res.missing_keys):
             raise SystemExit(f"{args.init}: does not fit this network (missing {res.missing_keys[:3]}, "
