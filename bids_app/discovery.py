@@ -1,9 +1,12 @@
 """Find the diffusion inputs of every subject/session of a BIDS dataset with pybids.
 
-Three layouts are recognised per subject/session, without being told which:
+Four layouts are recognised per subject/session, without being told which:
 
 - ``isles22``: ISLES'22 names, a 3-D trace ``*_dwi.nii.gz`` with ``*_adc.nii.gz`` (not BIDS suffixes);
 - ``bids-trace``: BIDS 1.11 ``*_trace.nii.gz`` with ``*_ADC.nii.gz``;
+- ``rec-trace``: the scanner's maps stored as ``*_rec-TRACE_dwi`` (or ``rec-TRACEW``) with
+  ``*_rec-ADC_dwi``, as dcm2niix-based conversions name them (e.g. OpenNeuro ds004889, SOOP); they are
+  found with the ``dwi`` entry of ``bids_filter``;
 - ``raw-dwi``: a 4-D ``*_dwi.nii.gz`` with ``.bval``/``.bvec`` (trace and ADC computed later).
 
 A session whose files cannot be used is still returned, with ``problem`` set, so that the workflow
@@ -25,13 +28,15 @@ LOGGER = logging.getLogger("deepisles.discovery")
 IMG_EXT = [".nii.gz", ".nii"]
 FILTER_KEYS = ("dwi", "trace", "adc", "flair")
 _NON_KEY = {"suffix", "extension", "datatype"}
+REC_TRACE = {"trace", "tracew"}  # ``rec-`` labels of a scanner trace map stored as ``*_dwi``
+REC_ADC = {"adc"}
 
 
 @dataclass
 class SessionInputs:
     subject: str
     session: str | None
-    layout: str  # 'isles22' | 'bids-trace' | 'raw-dwi'
+    layout: str  # 'isles22' | 'bids-trace' | 'rec-trace' | 'raw-dwi'
     dwi: Path | None  # None only when ``problem`` says the DWI is missing
     adc: Path | None
     bval: Path | None
@@ -135,8 +140,26 @@ def _index(root: Path, database_dir):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _rec(f) -> str:
+    return str(f.entities.get("reconstruction") or "").lower()
+
+
 def _ent(f) -> dict:
-    return {k: str(v) for k, v in f.entities.items() if k not in _NON_KEY}
+    """Entities that pair files; a ``rec-TRACE``/``rec-ADC`` label names the map, so it does not count."""
+    skip = _NON_KEY | ({"reconstruction"} if _rec(f) in REC_TRACE | REC_ADC else set())
+    return {k: str(v) for k, v in f.entities.items() if k not in skip}
+
+
+def _split_rec_maps(found: dict) -> None:
+    """Move ``*_rec-TRACE_dwi`` to the traces and ``*_rec-ADC_dwi`` to the ADCs (in place)."""
+    dwis = found["dwi"]
+    found["trace"] += [f for f in dwis if _rec(f) in REC_TRACE]
+    found["adc"] += [f for f in dwis if _rec(f) in REC_ADC]
+    found["dwi"] = [f for f in dwis if _rec(f) not in REC_TRACE | REC_ADC]
+
+
+def _trace_layout(f) -> str:
+    return "rec-trace" if f.entities.get("suffix") == "dwi" else "bids-trace"
 
 
 def _volumes(path: Path) -> tuple[int | None, str | None]:
@@ -230,6 +253,7 @@ def discover(bids_dir, participant_labels=None, session_labels=None, bids_filter
 
     found = {"dwi": get("dwi", "dwi"), "trace": get("trace", "trace"),
              "adc": get("adc", ["adc", "ADC"]), "flair": get("flair", "FLAIR")}
+    _split_rec_maps(found)
     aux = layout.get(suffix="dwi", extension=[".bval", ".bvec"], return_type="object")
     groups: dict[tuple, dict] = {}
     for kind, files in found.items():
@@ -277,7 +301,8 @@ def _session(root, sub, ses, files, aux) -> SessionInputs:
     for img in sorted(files["trace"], key=_sort_key):
         adc, diff, note = _match(img, adcs)
         if adc is not None:
-            cands.append(((0, diff) + _sort_key(img), "bids-trace", img, adc, None, None, [note] if note else []))
+            cands.append(((0, diff) + _sort_key(img), _trace_layout(img), img, adc, None, None,
+                          [note] if note else []))
     unusable = []
     for img in sorted(files["dwi"], key=_sort_key):
         nvol, why = _volumes(Path(img.path))
@@ -312,14 +337,14 @@ def _session(root, sub, ses, files, aux) -> SessionInputs:
         if unusable or files["trace"]:
             imgs = [(f, 1, f"missing ADC: {f.path} has no *_adc/_ADC") for f in sorted(files["trace"], key=_sort_key)]
             img, nvol, problem = (imgs + unusable)[0]
-            kind = ("bids-trace" if img.entities.get("suffix") == "trace"
+            kind = (_trace_layout(img) if img in files["trace"]
                     else "raw-dwi" if (nvol or 0) > 2 else "isles22")
             notes.append(problem)
             return SessionInputs(sub, ses, kind, Path(img.path), None, None, None, flair, notes, problem)
         adc = adcs[0]
         problem = f"missing DWI: {adc.path} has no matching *_dwi or *_trace image"
         notes.append(problem)
-        kind = "isles22" if adc.entities.get("suffix") == "adc" else "bids-trace"
+        kind = "isles22" if adc.entities.get("suffix") == "adc" else _trace_layout(adc)
         return SessionInputs(sub, ses, kind, None, Path(adc.path), None, None, flair, notes, problem)
 
     cands.sort(key=lambda c: c[0])

@@ -125,6 +125,24 @@ def make_bids_trace(root, subjects=("01",), sessions=True, flair=True, adc_scale
     return root
 
 
+def make_rec_trace(root, subjects=("01",), sessions=True, flair=False, adc_scale=1e3, step: int = 2,
+                   trace_label: str = "TRACE") -> Path:
+    """dcm2niix-style names, as in OpenNeuro ds004889 (SOOP): ``*_rec-TRACE_dwi.nii.gz`` and
+    ``*_rec-ADC_dwi.nii.gz`` (ADC in 1e-6 mm2/s by default), both 4-D with one volume as SOOP stores them."""
+    root = write_description(root, "synthetic rec-TRACE/rec-ADC dataset", "1.8.0")
+    case = _case(step)
+    for sub in subjects:
+        for ses in _sessions(sessions):
+            folder, stem = _prefix(root, sub, ses, "dwi")
+            dwi = save(case["dwi"][..., None], case["affine"], folder / f"{stem}_rec-{trace_label}_dwi.nii.gz")
+            _sidecar(dwi, ImageType=["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"])
+            save(case["adc"][..., None] * adc_scale, case["affine"], folder / f"{stem}_rec-ADC_dwi.nii.gz")
+            if flair:
+                afolder, _ = _prefix(root, sub, ses, "anat")
+                save(case["flair"], case["flair_affine"], afolder / f"{stem}_FLAIR.nii.gz")
+    return root
+
+
 def simulate_raw(b_values=(1000, 2000), step: int = 2, seed: int = 0, skull: bool = True):
     """A raw 4-D DWI from the sample: returns ``(data4d, bvals, bvecs 3xN, affine, adc_true)``.
 

@@ -12,9 +12,12 @@ import pytest
 
 from bids_app.discovery import SessionInputs, discover, normalize_label
 from bids_app.errors import BIDSValidationError, InputError, NoDataError, UsageError
-from tests.datasets import SAMPLE, make_bids_trace, make_isles22, make_raw_dwi, save, write_description
+from tests.datasets import (SAMPLE, make_bids_trace, make_isles22, make_raw_dwi, make_rec_trace, save,
+                            write_description)
 
-BUILDERS = {"isles22": make_isles22, "bids-trace": make_bids_trace, "raw-dwi": make_raw_dwi}
+BUILDERS = {"isles22": make_isles22, "bids-trace": make_bids_trace, "raw-dwi": make_raw_dwi,
+            "rec-trace": make_rec_trace}
+DWI_ENDING = {"bids-trace": "_trace.nii.gz", "rec-trace": "_rec-TRACE_dwi.nii.gz"}
 
 
 def _snapshot(root: Path) -> set:
@@ -35,7 +38,8 @@ def test_layouts(tmp_path, layout, sessions):
         assert s.adc is None and s.bval.name.endswith("_dwi.bval") and s.bvec.name.endswith("_dwi.bvec")
     else:
         assert s.adc.exists() and s.bval is None
-        assert s.dwi.name.endswith("_trace.nii.gz" if layout == "bids-trace" else "_dwi.nii.gz")
+        assert s.dwi.name.endswith(DWI_ENDING.get(layout, "_dwi.nii.gz"))
+        assert s.notes == []  # rec-TRACE and rec-ADC pair without an entity-mismatch note
     assert (s.flair is not None) == (layout == "bids-trace")
     assert s.entities == ({"subject": "01", "session": "0001"} if sessions else {"subject": "01"})
     d = json.loads(json.dumps(s.to_dict()))
@@ -147,6 +151,24 @@ def test_acq_candidates_and_bids_filter(tmp_path):
         discover(root, bids_filter={"t1w": {}})
     with pytest.raises(UsageError):
         discover(root, bids_filter={"dwi": {"notanentity": "1"}})
+
+
+def test_rec_maps_beside_raw_dwi(tmp_path):
+    """``rec-TRACEW``/``rec-ADC`` maps next to the raw series: the scanner's pair is used, the raw
+    series is reported as not used; a rec-TRACE without its rec-ADC is a clear problem."""
+    root = make_raw_dwi(tmp_path / "ds", sessions=False)
+    rec = make_rec_trace(tmp_path / "r", sessions=False, trace_label="TRACEW") / "sub-01" / "dwi"
+    for f in rec.iterdir():
+        shutil.copy(f, root / "sub-01" / "dwi" / f.name)
+    (s,) = discover(root)
+    assert s.layout == "rec-trace" and s.bval is None
+    assert s.dwi.name == "sub-01_rec-TRACEW_dwi.nii.gz" and s.adc.name == "sub-01_rec-ADC_dwi.nii.gz"
+    assert any("sub-01_dwi.nii.gz" in n and "not used" in n for n in s.notes)
+    (root / "sub-01" / "dwi" / "sub-01_rec-ADC_dwi.nii.gz").unlink()
+    (root / "sub-01" / "dwi" / "sub-01_dwi.nii.gz").unlink()
+    (s,) = discover(root)
+    assert s.layout == "rec-trace" and s.adc is None
+    assert s.problem.startswith("missing ADC") and "sub-01_rec-TRACEW_dwi.nii.gz" in s.problem
 
 
 def test_trace_pair_preferred_over_raw(tmp_path):

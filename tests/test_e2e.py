@@ -1,4 +1,4 @@
-"""End to end: one dataset mixing the three layouts, participant then group level, through the CLI."""
+"""End to end: one dataset mixing the four layouts, participant then group level, through the CLI."""
 
 import json
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 from bids_app.cli import main
 from bids_app.evaluate import dice
 from bids_app.report.subject import read_report_status
-from tests.datasets import make_bids_trace, make_isles22, make_raw_dwi
+from tests.datasets import make_bids_trace, make_isles22, make_raw_dwi, make_rec_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERT = (ROOT / "bids_app/data/demo/isles22-sample/derivatives/sub-strokecase0009/ses-0001/"
@@ -20,6 +20,7 @@ SUBJECTS = {  # subject -> (session or None, layout)
     "isles": ("0001", "isles22"),
     "bids": (None, "bids-trace"),
     "raw": ("1", "raw-dwi"),
+    "rec": (None, "rec-trace"),
 }
 
 
@@ -29,6 +30,7 @@ def run(tmp_path_factory):
     bids = base / "bids"
     make_isles22(bids, subjects=("isles",), sessions=["0001"], flair=False, step=1)
     make_bids_trace(bids, subjects=("bids",), sessions=False, flair=True, adc_scale=1e3)
+    make_rec_trace(bids, subjects=("rec",), sessions=False)  # 4-D with one volume, ADC in 1e-6 mm2/s
     make_raw_dwi(bids, subjects=("raw",), sessions=["1"])
     out, work = base / "out", base / "work"
     code = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"])
@@ -45,7 +47,7 @@ def _prefix(subject):
 
 def _input_dwi(bids, subject):
     folder, name = _prefix(subject)
-    suffix = "trace" if subject == "bids" else "dwi"
+    suffix = {"bids": "trace", "rec": "rec-TRACE_dwi"}.get(subject, "dwi")
     return bids / folder / f"{name}_{suffix}.nii.gz"
 
 
@@ -90,6 +92,8 @@ def test_decisions_follow_the_inputs(run):
     reportlets = run["work"] / "reportlets"
     units = json.loads((reportlets / "sub-bids" / "adc_units.json").read_text())
     assert units["values"]["scale"] == pytest.approx(1e-3)
+    units = json.loads((reportlets / "sub-rec" / "adc_units.json").read_text())
+    assert units["values"]["scale"] == pytest.approx(1e-3)
     strip_raw = json.loads((reportlets / "sub-raw" / "ses-1" / "skullstrip.json").read_text())
     assert strip_raw["values"]["skull_stripped_input"] is False
     assert strip_raw["values"]["method"].startswith("median_otsu")
@@ -107,7 +111,7 @@ def test_real_case_lesion_found(run):
 
 def test_group_table_and_description(run):
     table = pd.read_csv(run["out"] / "group_lesions.tsv", sep="\t", dtype=str)
-    assert sorted(table["participant_id"]) == ["sub-bids", "sub-isles", "sub-raw"]
+    assert sorted(table["participant_id"]) == ["sub-bids", "sub-isles", "sub-raw", "sub-rec"]
     columns = json.loads((run["out"] / "group_lesions.json").read_text())
     assert set(table.columns) <= set(columns)
     assert (run["out"] / "group_lesions.html").is_file()
