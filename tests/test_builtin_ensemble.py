@@ -18,7 +18,7 @@ from models.weights import sha256_file  # noqa: E402
 SMALL = {"channels": [8, 16, 24], "strides": [2, 2], "divisible_by": 4}
 
 
-def _member(folder, seed, hparams=SMALL, label_rule="visible"):
+def _member(folder, seed, hparams=SMALL, label_rule="visible", **extra):
     from models.builtin.network import DEFAULT_HPARAMS
 
     torch.manual_seed(seed)
@@ -28,7 +28,7 @@ def _member(folder, seed, hparams=SMALL, label_rule="visible"):
     hp = dict(DEFAULT_HPARAMS, **hparams)
     (folder / "builtin_v1.json").write_text(json.dumps({"hparams": hp, "sha256": sha256_file(w), "seed": seed,
                                                         "command": f"train --seed {seed}", "patch": [32] * 3,
-                                                        "label_rule": label_rule}))
+                                                        "label_rule": label_rule, **extra}))
     return w
 
 
@@ -107,3 +107,22 @@ def test_average_is_one_network_with_the_mean_parameters(tmp_path):
     assert all(torch.equal(v, sa[k]) for k, v in torch.load(tmp_path / "same" / "builtin_v1.pt",
                                                             weights_only=True).items())
     assert not isinstance(BuiltinPredictor(tmp_path / "soup" / "builtin_v1.pt").net, LogitMean)
+
+
+def test_soup_keeps_the_newest_generator_for_calibration(tmp_path, monkeypatch):
+    """A member trained with sulci: the soup records it, and calibrate draws from that generator."""
+    import models.builtin.calibrate as C
+    import models.builtin.synth as S
+
+    meta = E.join([_member(tmp_path / "a", 0), _member(tmp_path / "b", 1, sulci=0.7)], tmp_path / "soup",
+                  average=True)
+    assert meta["sulci"] == 0.7
+    made, real = [], S.SynthGenerator
+
+    def gen(device, **kw):
+        made.append(kw)
+        return real(device, fov=(32, 40, 32), **kw)
+
+    monkeypatch.setattr(S, "SynthGenerator", gen)
+    C.calibrate(tmp_path / "soup" / "builtin_v1.pt", n=1)
+    assert made == [{"label_rule": "visible", "sulci": 0.7}]

@@ -85,7 +85,8 @@ def choose_postprocess(weights, n: int = 32, generator=None) -> dict:
     from .synth import SynthGenerator
 
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"))
+    gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"),
+                                       sulci=pred.meta.get("sulci", 0.0))
     results = measure(pred, gen, n)
     rec = dict(choose(results), rule="check if it lowers neither synthetic Dice nor F1; growth at the "
                "low threshold (of %s) with the best mean of both among those that lower neither"

@@ -25,12 +25,13 @@ import torch
 MEAN_OF_ALL = "mean-of-all"
 
 
-def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None) -> dict:
+def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None,
+          sulci: float = 0.0) -> dict:
     """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes."""
     from .metrics import Pooled
     from .synth import SynthGenerator
 
-    gen = generator or SynthGenerator("cpu", label_rule="visible")
+    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci)
     names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
     pooled = {k: Pooled() for k in names}
     for i in range(n):
@@ -55,6 +56,7 @@ def main(argv=None):
     ap.add_argument("--weights", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
     ap.add_argument("--n", type=int, default=64, help="synthetic volumes (default 64)")
     ap.add_argument("--seed0", type=int, default=VAL_SEED0, help="first generator seed (default train.VAL_SEED0)")
+    ap.add_argument("--sulci", type=float, default=0.0, help="generator's sulcal CSF probability (default 0)")
     ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
     ap.add_argument("--threads", type=int, default=2)
@@ -70,7 +72,7 @@ def main(argv=None):
         if done % 16 == 0 or done == args.n:
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress)
+    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress, sulci=args.sulci)
     print("weights\tDice\tF1\tscore\tunrounded\tTP/FP/FN")
     for k, m in out.items():
         print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['score_unrounded']:.6f}\t"
@@ -78,7 +80,7 @@ def main(argv=None):
     if args.json:
         from .weights_file import write_json
 
-        write_json(args.json, {"n": args.n, "seed0": args.seed0, "roi": args.roi, "scores": out})
+        write_json(args.json, {"n": args.n, "seed0": args.seed0, "sulci": args.sulci, "roi": args.roi, "scores": out})
     return out
 
 

@@ -4,7 +4,9 @@ Everything is made with torch ops on the requested device (``grid_sample`` for t
 separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole brain):
 
 - anatomy: the MNI152 2009a GM/WM/CSF atlas (``atlas/mni152_tissue_1p5mm.npz``) under a random affine
-  (rotation, anisotropic scale, shear, translation) and a smooth elastic deformation;
+  (rotation, anisotropic scale, shear, translation) and a smooth elastic deformation; with
+  ``sulci=P`` (off by default, as for releases 1-4) a share P of volumes get CSF sheets cut into the
+  cortical ribbon (``sulci.py``), the sulci the population template blurs away;
 - contrasts: tissue-dependent trace DWI (b~1000; GM a bit brighter than WM, CSF dark) and ADC in
   1e-3 mm2/s (WM ~0.7, GM ~0.85, CSF ~2.2-3.3), all randomised, with smooth texture;
 - lesions: expert ISLES'22 shapes (``shapes/``; flipped, axis-permuted, scaled), smooth irregular blobs
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from .artefacts import susceptibility_pileup
 from .fields import blur, smooth_noise
 from .labels import LABEL_RULES
+from .sulci import carve_sulci
 from .transforms import normalize_channels_torch
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +51,10 @@ VOXEL_MM = 2.0
 
 
 class SynthGenerator:
-    def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold"):
+    def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold",
+                 sulci: float = 0.0):
         self.device = torch.device(device)
+        self.sulci = float(sulci)  # probability of sulcal CSF per volume; 0 = the generator of releases 1-4
         self.label_rule = LABEL_RULES[label_rule]
         self.fov = tuple(fov)
         d = np.load(atlas_path)
@@ -259,6 +264,8 @@ class SynthGenerator:
             k = torch.clamp(1 - csf2, 0, 1) / torch.clamp(gm + wm, min=1e-4)
             k = torch.clamp(k, max=1.0)
             gm, wm, csf = gm * k, wm * k, csf2
+        if self.sulci > 0 and rng.random() < self.sulci:  # no draw at 0: earlier recipes reproduce
+            gm, wm, csf = carve_sulci(rng, gen, gm, wm, csf)
         brain_soft = torch.clamp(gm + wm + csf, 0, 1)
         paren = gm + wm
         cand = torch.nonzero(paren > 0.6)

@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--real-fraction", type=float, default=0.25, help="with --real-data: share of real crops")
     ap.add_argument("--label-rule", default="threshold", choices=["threshold", "visible"],
                     help="generator labels (models/builtin/labels.py)")
+    ap.add_argument("--sulci", type=float, default=0.0,
+                    help="probability of sulcal CSF per synthetic volume (sulci.py; default 0, releases 1-4)")
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
     ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
@@ -176,7 +178,7 @@ def main(argv=None):
     if args.norm:
         hp["norm"] = args.norm
     net = build_network(hp).to(device)
-    gen = SynthGenerator(device, label_rule=args.label_rule)
+    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci)
     patch = patch or gen.fov
     if args.init:
         try:  # SHA-256 against the sidecar before anything is unpickled, as for the app
@@ -324,6 +326,7 @@ def main(argv=None):
         "val_seeds": [args.val_seed0, args.val_seed0 + args.val_n - 1] if args.val_every else None,
         "selection": args.select,
         "label_rule": args.label_rule,
+        "sulci": args.sulci,
         "small_lesion_weight": args.small_lesion_weight,
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
