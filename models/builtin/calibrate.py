@@ -69,13 +69,12 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
     from scipy.special import expit
 
     from .predictor import BuiltinPredictor
-    from .synth import SynthGenerator
+    from .synth import generator_for
 
     weights = Path(weights)
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    # labels by the rule the weights were trained with
-    gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"),
-                                       sulci=pred.meta.get("sulci", 0.0))
+    # the generator (label rule, sulci) the weights were trained with
+    gen = generator or generator_for(pred.meta)
     logit, label = synthetic_logits(pred, gen, n)
     t = fit_temperature(logit, label)
     p1, pt = expit(logit), expit(logit / t)  # no overflow warning for large logits

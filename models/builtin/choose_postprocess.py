@@ -82,11 +82,10 @@ def choose_postprocess(weights, n: int = 32, generator=None) -> dict:
     """Measure, choose and record in the sidecar of ``weights``; returns the record."""
     from .calibrate import write_sidecar_entry
     from .predictor import BuiltinPredictor
-    from .synth import SynthGenerator
+    from .synth import generator_for
 
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    gen = generator or SynthGenerator("cpu", label_rule=pred.meta.get("label_rule", "threshold"),
-                                       sulci=pred.meta.get("sulci", 0.0))
+    gen = generator or generator_for(pred.meta)
     results = measure(pred, gen, n)
     rec = dict(choose(results), rule="check if it lowers neither synthetic Dice nor F1; growth at the "
                "low threshold (of %s) with the best mean of both among those that lower neither"

@@ -1,11 +1,12 @@
 """Score built-in weights on held-out synthetic volumes, through the app's predictor (brain box).
 
     python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
-        [--n 64] [--roi 64 64 64] [--json scores.json]
+        [--n 64] [--roi 64 64 64] [--sulci P] [--json scores.json]
 
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
-``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible").sample_one(seed0 + i)``,
+``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible", sulci=P).sample_one(seed0 + i)``
+(``--sulci``, default 0: the generator of releases 1-4),
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
 (``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).

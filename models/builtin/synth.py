@@ -355,6 +355,11 @@ class SynthGenerator:
         return torch.stack(xs), torch.stack(ys)
 
 
+def generator_for(meta: dict, device="cpu") -> SynthGenerator:
+    """The generator that weights were trained with (label rule, sulci), from their sidecar ``meta``."""
+    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"), sulci=meta.get("sulci", 0.0))
+
+
 def infratentorial(mni: torch.Tensor) -> torch.Tensor:
     """Soft posterior-fossa map (cerebellum + pons/medulla) from MNI mm coordinates (..., 3)."""
     x, y, z = mni[..., 0], mni[..., 1], mni[..., 2]
