@@ -33,6 +33,15 @@ def test_real_case_is_more_textured_than_the_plain_generator(capsys):
     assert syn["adc_gradient"]["p90"] < real["adc_gradient"]
 
 
+def test_real_adc_units_do_not_matter(tmp_path):
+    import nibabel as nib
+
+    img = nib.load(f"{CASE}_adc.nii.gz")
+    micro = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * 1000, img.affine)  # 1e-6 mm2/s
+    nib.save(micro, tmp_path / "adc.nii.gz")
+    assert T.real(f"{CASE}_dwi.nii.gz", tmp_path / "adc.nii.gz") == T.real(f"{CASE}_dwi.nii.gz", f"{CASE}_adc.nii.gz")
+
+
 def test_real_needs_two_mm_voxels(tmp_path):
     import nibabel as nib
 

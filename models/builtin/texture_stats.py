@@ -1,13 +1,14 @@
 """Texture of real and synthetic [trace, ADC] pairs: how far the generator is from real images.
 
-    python -m models.builtin.texture_stats --real DWI ADC [--brain MASK]   (~2 mm grid, ADC in 1e-3 mm2/s)
+    python -m models.builtin.texture_stats --real DWI ADC [--brain MASK]   (~2 mm grid, any ADC units)
     python -m models.builtin.texture_stats --synthetic 16 [--sulci P] [--seed0 900003000]
 
 Figures of the normalised channels (``transforms.normalize_channels``, what the model sees) inside the
 brain eroded by one voxel: the median gradient magnitude of the ADC and of the trace (per voxel), and
 the share of brain voxels with ADC > 1.5e-3 mm2/s (CSF). Synthetic: the median and the 10th / 90th
 percentiles over the volumes. No lesion mask is read. Without ``--brain`` the brain is the non-zero
-trace (a skull-stripped input).
+trace (a skull-stripped input). Real ADC units (mm2/s, 1e-3 or 1e-6 mm2/s) are found as the app finds
+them (``nodes.adc_units.harmonise_adc``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def texture(trace_n: np.ndarray, adc_n: np.ndarray, brain: np.ndarray) -> dict:
 def real(dwi_path, adc_path, brain_path=None) -> dict:
     import nibabel as nib
 
+    from nodes.adc_units import harmonise_adc
+
     from .transforms import normalize_channels
 
     dwi, adc = nib.load(str(dwi_path)), nib.load(str(adc_path))
@@ -43,6 +46,7 @@ def real(dwi_path, adc_path, brain_path=None) -> dict:
         raise SystemExit(f"{dwi_path}: voxels of {np.round(zooms, 2).tolist()} mm; the figures are per 2 mm voxel")
     d, a = (np.squeeze(np.asarray(i.dataobj, dtype=np.float32)) for i in (dwi, adc))
     brain = (np.asarray(nib.load(str(brain_path)).dataobj) > 0) if brain_path else d > 0
+    a, _ = harmonise_adc(a, brain, adc_path)
     dn, an = normalize_channels(d, a, brain)
     return texture(dn, an, brain)
 
