@@ -6,7 +6,9 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
 - anatomy: the MNI152 2009a GM/WM/CSF atlas (``atlas/mni152_tissue_1p5mm.npz``) under a random affine
   (rotation, anisotropic scale, shear, translation) and a smooth elastic deformation; with
   ``sulci=P`` (off by default, as for releases 1-4) a share P of volumes get CSF sheets cut into the
-  cortical ribbon (``sulci.py``), the sulci the population template blurs away;
+  cortical ribbon (``sulci.py``), the sulci the population template blurs away; with ``texture=P`` (off
+  by default) a share P of volumes get sharpened tissue shares (``sharpen_tissues``), 0.3-2 voxels of
+  atrophy instead of 0-1.3 and ADC noise s.d. 0.05-0.16 instead of 0.01-0.08: older patients' pure CSF;
 - contrasts: tissue-dependent trace DWI (b~1000; GM a bit brighter than WM, CSF dark) and ADC in
   1e-3 mm2/s (WM ~0.7, GM ~0.85, CSF ~2.2-3.3), all randomised, with smooth texture;
 - lesions: expert ISLES'22 shapes (``shapes/``; flipped, axis-permuted, scaled), smooth irregular blobs
@@ -52,9 +54,10 @@ VOXEL_MM = 2.0
 
 class SynthGenerator:
     def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold",
-                 sulci: float = 0.0):
+                 sulci: float = 0.0, texture: float = 0.0):
         self.device = torch.device(device)
         self.sulci = float(sulci)  # probability of sulcal CSF per volume; 0 = the generator of releases 1-4
+        self.texture = float(texture)  # probability of sharp tissue edges + clinical ADC noise; 0 = releases 1-4
         self.label_rule = LABEL_RULES[label_rule]
         self.fov = tuple(fov)
         d = np.load(atlas_path)
@@ -255,7 +258,11 @@ class SynthGenerator:
         grid, mni = self._warp_grid(rng, gen)
         pv = F.grid_sample(self.atlas, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         gm, wm, csf = pv[0], pv[1], pv[2]
-        atro = rng.uniform(0.0, 1.3)  # atrophy: widen sulci and ventricles by up to ~1.3 voxels
+        textured = self.texture > 0 and rng.random() < self.texture  # no draw at 0: earlier recipes reproduce
+        if textured:
+            gm, wm, csf = sharpen_tissues(gm, wm, csf, rng.uniform(1.5, 4.0))
+        # atrophy: widen sulci and ventricles by up to ~1.3 voxels (2 with texture: older brains' pure CSF)
+        atro = rng.uniform(0.3, 2.0) if textured else rng.uniform(0.0, 1.3)
         if atro > 0.1:
             grown = F.max_pool3d(csf[None, None], 3, 1, 1)
             if atro > 1.0:
@@ -320,7 +327,8 @@ class SynthGenerator:
         sd = rng.uniform(0.01, 0.12)
         n = torch.randn((2,) + self.fov, generator=gen, device=dev) * sd
         dwi = torch.sqrt((dwi + n[0]) ** 2 + n[1] ** 2)
-        adc = torch.clamp(adc + torch.randn(self.fov, generator=gen, device=dev) * rng.uniform(0.01, 0.08), min=0)
+        adc_sd = rng.uniform(0.05, 0.16) if textured else rng.uniform(0.01, 0.08)
+        adc = torch.clamp(adc + torch.randn(self.fov, generator=gen, device=dev) * adc_sd, min=0)
         bias = smooth_noise(gen, self.fov, (3, 3, 3), 1, dev)[0, 0] * rng.uniform(0.0, 0.3)
         dwi = dwi * torch.exp(bias) * (10 ** rng.uniform(0, 3))
         if rng.random() < 0.5:  # re-gridding of the acquired (noisy) images: 1-2 trilinear resamplings
@@ -356,8 +364,19 @@ class SynthGenerator:
 
 
 def generator_for(meta: dict, device="cpu") -> SynthGenerator:
-    """The generator that weights were trained with (label rule, sulci), from their sidecar ``meta``."""
-    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"), sulci=meta.get("sulci", 0.0))
+    """The generator that weights were trained with (label rule, sulci, texture), from their sidecar ``meta``."""
+    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"), sulci=meta.get("sulci", 0.0),
+                          texture=meta.get("texture", 0.0))
+
+
+def sharpen_tissues(gm, wm, csf, gamma: float):
+    """Individual-like tissue edges from the population template's soft probabilities: each voxel's
+    tissue shares are raised to the power ``gamma`` and renormalised; the brain support is kept."""
+    stack = torch.stack([gm, wm, csf])
+    support = stack.sum(0)
+    powered = torch.clamp(stack / torch.clamp(support, min=1e-6), 0, 1) ** gamma
+    shares = powered / torch.clamp(powered.sum(0), min=1e-6)
+    return tuple(shares * support)
 
 
 def infratentorial(mni: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,9 @@ def main(argv=None):
                     help="generator labels (models/builtin/labels.py)")
     ap.add_argument("--sulci", type=float, default=0.0,
                     help="probability of sulcal CSF per synthetic volume (sulci.py; default 0, releases 1-4)")
+    ap.add_argument("--texture", type=float, default=0.0,
+                    help="probability of sharp tissue edges, older brains' CSF and clinical ADC noise per "
+                         "synthetic volume (synth.py; default 0, releases 1-4)")
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
     ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
@@ -178,7 +181,7 @@ def main(argv=None):
     if args.norm:
         hp["norm"] = args.norm
     net = build_network(hp).to(device)
-    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci)
+    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci, texture=args.texture)
     patch = patch or gen.fov
     if args.init:
         try:  # SHA-256 against the sidecar before anything is unpickled, as for the app
@@ -327,6 +330,7 @@ def main(argv=None):
         "selection": args.select,
         "label_rule": args.label_rule,
         "sulci": args.sulci,
+        "texture": args.texture,
         "small_lesion_weight": args.small_lesion_weight,
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
