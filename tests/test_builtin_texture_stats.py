@@ -23,11 +23,12 @@ def test_texture_of_known_arrays():
     assert got["trace_gradient"] == 0.0  # constant inside the eroded brain
     assert got["adc_gradient"] == pytest.approx(0.1)  # slope 0.1 per voxel
     assert got["csf_share"] == pytest.approx(float((ramp[brain] > 1.5).mean()), abs=1e-4)
+    assert got["adc_p90"] == pytest.approx(1.5)  # eroded brain: 14 rows of 0.3 .. 1.6, 196 voxels each
 
 
 def test_real_case_is_more_textured_than_the_plain_generator(capsys):
     real = T.main(["--real", f"{CASE}_dwi.nii.gz", f"{CASE}_adc.nii.gz"])
-    assert real == {"adc_gradient": 0.2804, "trace_gradient": 0.1582, "csf_share": 0.2497}  # measured
+    assert real == {"adc_gradient": 0.2804, "trace_gradient": 0.1582, "csf_share": 0.2497, "adc_p90": 2.234}
     assert '"adc_gradient": 0.2804' in capsys.readouterr().out
     syn = T.synthetic(2, 900003000, generator=SynthGenerator("cpu", fov=(56, 64, 56), label_rule="visible"))
     assert syn["adc_gradient"]["p90"] < real["adc_gradient"]
@@ -50,3 +51,18 @@ def test_real_needs_two_mm_voxels(tmp_path):
     nib.save(coarse, tmp_path / "d.nii.gz")
     with pytest.raises(SystemExit, match="per 2 mm voxel"):
         T.real(tmp_path / "d.nii.gz", f"{CASE}_adc.nii.gz")
+
+
+def test_synthetic_options_reach_the_generator(monkeypatch):
+    import models.builtin.synth as S
+
+    made, real = [], S.SynthGenerator
+
+    def gen(device, **kw):
+        made.append(kw)
+        return real(device, fov=(40, 48, 40), **kw)
+
+    monkeypatch.setattr(S, "SynthGenerator", gen)
+    out = T.main(["--synthetic", "1", "--sulci", "0.5", "--texture", "0.6"])
+    assert made == [{"label_rule": "visible", "sulci": 0.5, "texture": 0.6}]
+    assert set(out) == set(T.KEYS)

@@ -1,11 +1,12 @@
 """Texture of real and synthetic [trace, ADC] pairs: how far the generator is from real images.
 
     python -m models.builtin.texture_stats --real DWI ADC [--brain MASK]   (~2 mm grid, any ADC units)
-    python -m models.builtin.texture_stats --synthetic 16 [--sulci P] [--seed0 900003000]
+    python -m models.builtin.texture_stats --synthetic 16 [--sulci P] [--texture P] [--seed0 900003000]
 
 Figures of the normalised channels (``transforms.normalize_channels``, what the model sees) inside the
 brain eroded by one voxel: the median gradient magnitude of the ADC and of the trace (per voxel), and
-the share of brain voxels with ADC > 1.5e-3 mm2/s (CSF). Synthetic: the median and the 10th / 90th
+the share of brain voxels with ADC > 1.5e-3 mm2/s (CSF), and the 90th percentile of the ADC in the eroded
+brain (near 3 where there is pure CSF, lower where CSF is only partial volume). Synthetic: the median and the 10th / 90th
 percentiles over the volumes. No lesion mask is read. Without ``--brain`` the brain is the non-zero
 trace (a skull-stripped input). Real ADC units (mm2/s, 1e-3 or 1e-6 mm2/s) are found as the app finds
 them (``nodes.adc_units.harmonise_adc``).
@@ -19,18 +20,19 @@ import json
 import numpy as np
 from scipy import ndimage
 
-KEYS = ("adc_gradient", "trace_gradient", "csf_share")
+KEYS = ("adc_gradient", "trace_gradient", "csf_share", "adc_p90")
 
 
 def texture(trace_n: np.ndarray, adc_n: np.ndarray, brain: np.ndarray) -> dict:
-    """The three figures of one normalised pair (arrays on one grid, ``brain`` boolean)."""
+    """The four figures of one normalised pair (arrays on one grid, ``brain`` boolean)."""
     inner = ndimage.binary_erosion(brain)
 
     def gradient(x):
         return float(np.median(np.sqrt(sum(g ** 2 for g in np.gradient(x.astype(np.float64))))[inner]))
 
     return {"adc_gradient": round(gradient(adc_n), 4), "trace_gradient": round(gradient(trace_n), 4),
-            "csf_share": round(float((adc_n[brain] > 1.5).mean()), 4)}
+            "csf_share": round(float((adc_n[brain] > 1.5).mean()), 4),
+            "adc_p90": round(float(np.percentile(adc_n[inner], 90)), 4)}
 
 
 def real(dwi_path, adc_path, brain_path=None) -> dict:
@@ -51,10 +53,12 @@ def real(dwi_path, adc_path, brain_path=None) -> dict:
     return texture(dn, an, brain)
 
 
-def synthetic(n: int, seed0: int, sulci: float = 0.0, generator=None) -> dict:
+def synthetic(n: int, seed0: int, sulci: float = 0.0, generator=None, textured: float = 0.0) -> dict:
+    """Percentiles of the figures over ``n`` generator volumes (``sulci``, ``textured``: the generator's
+    ``sulci`` and ``texture`` probabilities)."""
     from .synth import SynthGenerator
 
-    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci)
+    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci, texture=textured)
     rows = []
     for i in range(n):
         x, _ = gen.sample_one(seed0 + i)
@@ -71,9 +75,11 @@ def main(argv=None):
     src.add_argument("--synthetic", type=int, metavar="N")
     ap.add_argument("--brain", default=None, help="brain mask of --real (default: non-zero trace)")
     ap.add_argument("--sulci", type=float, default=0.0)
+    ap.add_argument("--texture", type=float, default=0.0)
     ap.add_argument("--seed0", type=int, default=900003000)
     args = ap.parse_args(argv)
-    out = real(*args.real, args.brain) if args.real else synthetic(args.synthetic, args.seed0, args.sulci)
+    out = real(*args.real, args.brain) if args.real else synthetic(args.synthetic, args.seed0, args.sulci,
+                                                                   textured=args.texture)
     print(json.dumps(out, indent=2))
     return out
 
