@@ -24,11 +24,14 @@ def test_texture_of_known_arrays():
     assert got["adc_gradient"] == pytest.approx(0.1)  # slope 0.1 per voxel
     assert got["csf_share"] == pytest.approx(float((ramp[brain] > 1.5).mean()), abs=1e-4)
     assert got["adc_p90"] == pytest.approx(1.5)  # eroded brain: 14 rows of 0.3 .. 1.6, 196 voxels each
+    assert got["adc_gradient_near_csf"] == pytest.approx(0.1)  # rows whose neighbours exceed 1.2
+    assert got["adc_highpass_sd"] == pytest.approx(0.0, abs=1e-9)  # a ramp equals its local mean
 
 
 def test_real_case_is_more_textured_than_the_plain_generator(capsys):
     real = T.main(["--real", f"{CASE}_dwi.nii.gz", f"{CASE}_adc.nii.gz"])
-    assert real == {"adc_gradient": 0.2804, "trace_gradient": 0.1582, "csf_share": 0.2497, "adc_p90": 2.234}
+    assert real == {"adc_gradient": 0.2804, "trace_gradient": 0.1582, "csf_share": 0.2497, "adc_p90": 2.234,
+                    "adc_gradient_near_csf": 0.4676, "adc_highpass_sd": 0.0758}  # measured
     assert '"adc_gradient": 0.2804' in capsys.readouterr().out
     syn = T.synthetic(2, 900003000, generator=SynthGenerator("cpu", fov=(56, 64, 56), label_rule="visible"))
     assert syn["adc_gradient"]["p90"] < real["adc_gradient"]

@@ -4,10 +4,11 @@
     python -m models.builtin.texture_stats --synthetic 16 [--sulci P] [--texture P] [--seed0 900003000]
 
 Figures of the normalised channels (``transforms.normalize_channels``, what the model sees) inside the
-brain eroded by one voxel: the median gradient magnitude of the ADC and of the trace (per voxel), and
-the share of brain voxels with ADC > 1.5e-3 mm2/s (CSF), and the 90th percentile of the ADC in the eroded
-brain (near 3 where there is pure CSF, lower where CSF is only partial volume). Synthetic: the median and the 10th / 90th
-percentiles over the volumes. No lesion mask is read. Without ``--brain`` the brain is the non-zero
+brain eroded by one voxel: the median gradient magnitude of the ADC and of the trace (per voxel); the
+share of brain voxels with ADC > 1.5e-3 mm2/s (CSF); the 90th percentile of the ADC (near 3 with pure
+CSF, lower where CSF is only partial volume); the median ADC gradient next to CSF (a 3^3 neighbourhood
+with ADC > 1.2: edge sharpness) and the robust s.d. of the high-pass ADC (minus its 3^3 mean) away from
+CSF (noise and fine texture). Synthetic: the median and the 10th / 90th percentiles over the volumes. No lesion mask is read. Without ``--brain`` the brain is the non-zero
 trace (a skull-stripped input). Real ADC units (mm2/s, 1e-3 or 1e-6 mm2/s) are found as the app finds
 them (``nodes.adc_units.harmonise_adc``).
 """
@@ -20,19 +21,26 @@ import json
 import numpy as np
 from scipy import ndimage
 
-KEYS = ("adc_gradient", "trace_gradient", "csf_share", "adc_p90")
+KEYS = ("adc_gradient", "trace_gradient", "csf_share", "adc_p90", "adc_gradient_near_csf", "adc_highpass_sd")
 
 
 def texture(trace_n: np.ndarray, adc_n: np.ndarray, brain: np.ndarray) -> dict:
-    """The four figures of one normalised pair (arrays on one grid, ``brain`` boolean)."""
+    """The figures of ``KEYS`` of one normalised pair (arrays on one grid, ``brain`` boolean)."""
     inner = ndimage.binary_erosion(brain)
+    adc = adc_n.astype(np.float64)
+    near_csf = inner & (ndimage.maximum_filter(adc, 3) > 1.2)
+    parenchyma = inner & ~near_csf
 
-    def gradient(x):
-        return float(np.median(np.sqrt(sum(g ** 2 for g in np.gradient(x.astype(np.float64))))[inner]))
+    def gradient(x, where=inner):
+        g = np.sqrt(sum(d ** 2 for d in np.gradient(x.astype(np.float64))))[where]
+        return round(float(np.median(g)), 4) if g.size else float("nan")
 
-    return {"adc_gradient": round(gradient(adc_n), 4), "trace_gradient": round(gradient(trace_n), 4),
+    high = (adc - ndimage.uniform_filter(adc, 3))[parenchyma]
+    mad = np.median(np.abs(high - np.median(high))) * 1.4826 if high.size else float("nan")
+    return {"adc_gradient": gradient(adc), "trace_gradient": gradient(trace_n),
             "csf_share": round(float((adc_n[brain] > 1.5).mean()), 4),
-            "adc_p90": round(float(np.percentile(adc_n[inner], 90)), 4)}
+            "adc_p90": round(float(np.percentile(adc[inner], 90)), 4),
+            "adc_gradient_near_csf": gradient(adc, near_csf), "adc_highpass_sd": round(float(mad), 4)}
 
 
 def real(dwi_path, adc_path, brain_path=None) -> dict:
