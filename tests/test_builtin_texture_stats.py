@@ -19,7 +19,7 @@ def test_texture_of_known_arrays():
     brain[2:18, 2:18, 2:18] = True
     flat = np.where(brain, 1.0, 0.0)
     ramp = np.where(brain, np.arange(20)[:, None, None] * 0.1 + np.zeros((20, 20, 20)), 0.0)
-    got = T.texture(flat, ramp, brain)
+    got = T.figures(flat, ramp, brain)
     assert got["trace_gradient"] == 0.0  # constant inside the eroded brain
     assert got["adc_gradient"] == pytest.approx(0.1)  # slope 0.1 per voxel
     assert got["csf_share"] == pytest.approx(float((ramp[brain] > 1.5).mean()), abs=1e-4)

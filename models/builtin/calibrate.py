@@ -73,7 +73,7 @@ def calibrate(weights, n: int = 16, generator=None) -> dict:
 
     weights = Path(weights)
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    # the generator (label rule, sulci) the weights were trained with
+    # the generator (label rule, sulci, texture) the weights were trained with
     gen = generator or generator_for(pred.meta)
     logit, label = synthetic_logits(pred, gen, n)
     t = fit_temperature(logit, label)
