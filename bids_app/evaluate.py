@@ -199,16 +199,12 @@ def find_pairs(deriv_dir, reference_dir, desc: str | None = None) -> list[Pair]:
     for path in pred_files:
         ents = _entities(path)
         preds.setdefault((ents["sub"], ents.get("ses")), []).append(path)
-    refs: dict[tuple, list[tuple[int, Path]]] = {}
-    skip_deriv = not _inside(reference_dir, deriv_dir)  # app outputs are never references
-    pred_real = {p.resolve() for p in pred_files}
-    for path in sorted(reference_dir.rglob("sub-*")):
-        if not path.is_file() or path.resolve() in pred_real or (skip_deriv and _inside(path, deriv_dir)):
-            continue
-        ents = _entities(path)
-        rank = _reference_rank(path, ents)
-        if rank is not None:
-            refs.setdefault((ents["sub"], ents.get("ses")), []).append((rank, path))
+    skip = {p.resolve() for p in pred_files}
+    if not _inside(reference_dir, deriv_dir):  # app outputs are never references
+        skip_dir = deriv_dir
+    else:
+        skip_dir = None
+    refs = find_references(reference_dir, skip=skip, skip_dir=skip_dir)
     pairs = []
     for key in sorted(set(preds) | set(refs), key=lambda k: (k[0], k[1] or "")):
         note = ""
@@ -218,16 +214,31 @@ def find_pairs(deriv_dir, reference_dir, desc: str | None = None) -> list[Pair]:
             if len(preds[key]) > 1:
                 note = "several app masks: " + ", ".join(p.name for p in preds[key])
                 pred = None
-        ref = None
-        if key in refs:
-            best = min(r for r, _ in refs[key])
-            cands = [p for r, p in refs[key] if r == best]
-            if len(cands) == 1:
-                ref = cands[0]
-            else:
-                note = "ambiguous reference: " + ", ".join(p.name for p in cands)
-        pairs.append(Pair(key[0], key[1], pred, ref, note))
+        ref, ref_note = refs.get(key, (None, ""))
+        pairs.append(Pair(key[0], key[1], pred, ref, note or ref_note))
     return pairs
+
+
+def find_references(reference_dir, skip=frozenset(), skip_dir=None) -> dict[tuple, tuple[Path | None, str]]:
+    """``{(subject, session): (reference mask or None, note)}`` for every reference under ``reference_dir``.
+
+    The best-ranked candidate wins (see :func:`_reference_rank`); a tie gives None and an
+    "ambiguous reference" note. Files in ``skip`` or under ``skip_dir`` are ignored.
+    """
+    ranked: dict[tuple, list[tuple[int, Path]]] = {}
+    for path in sorted(Path(reference_dir).rglob("sub-*")):
+        if not path.is_file() or path.resolve() in skip or (skip_dir is not None and _inside(path, skip_dir)):
+            continue
+        ents = _entities(path)
+        rank = _reference_rank(path, ents)
+        if rank is not None:
+            ranked.setdefault((ents["sub"], ents.get("ses")), []).append((rank, path))
+    out = {}
+    for key, cands in ranked.items():
+        best = min(r for r, _ in cands)
+        top = [p for r, p in cands if r == best]
+        out[key] = (top[0], "") if len(top) == 1 else (None, "ambiguous reference: " + ", ".join(p.name for p in top))
+    return out
 
 
 # ----------------------------------------------------------------------------- table

@@ -1,13 +1,15 @@
 """Labelled real cases for (optional) fine-tuning of the built-in model: ``train.py --real-data DIR``.
 
-``DIR`` is an ISLES'22-style BIDS folder: ``sub-*/[ses-*/]dwi/*_dwi.nii*`` (trace) with ``*_adc.nii*``
-in 1e-3 mm2/s, and expert masks ``derivatives/**/sub-*[_ses-*]_msk.nii*``. Each case is normalised
-exactly as at inference (``normalize_images``; brain = non-zero trace, the images being skull-stripped)
-and put on the model grid (RAS 2 mm, as ``predictor._Grid`` does). Crops are augmented with a random
-left-right flip and a trace scale of 0.85-1.15, and are a function of the seed only.
+``DIR`` is a BIDS folder the app can read (ISLES'22 ``*_dwi``/``*_adc``, dcm2niix ``*_rec-TRACE_dwi``/
+``*_rec-ADC_dwi``, ...; found by ``bids_app.discovery``) with one expert mask per subject/session
+anywhere under it (ISLES'22 ``*_msk`` or a BIDS lesion ``*_mask``, as ``deepisles evaluate`` finds
+them). Raw multi-shell DWI is skipped. Each case goes through the app's own steps, in the app's order:
+singleton axes dropped, ADC units harmonised to 1e-3 mm2/s, ADC put on the DWI grid, brain extraction
+unless the input is skull-stripped (``skullstrip_canonical``), intensity normalisation; then the model
+grid (RAS 2 mm, as ``predictor._Grid`` does). Crops are augmented with a random left-right flip and a
+trace scale of 0.85-1.15, and are a function of the seed only.
 
-The shipped weights never use this (see MODEL_CARD.md): it exists to measure what training on a
-case is worth, and for users who have labelled data of their own.
+The shipped weights' sidecar records which real cases (if any) they saw (see MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -19,45 +21,62 @@ import numpy as np
 import torch
 
 
-def _key(path: Path) -> tuple:
-    """(subject, session) of a BIDS file name, parsed by pybids."""
-    from bids.layout import parse_file_entities
-
-    ent = parse_file_entities(str(path))
-    return ent.get("subject"), ent.get("session")
-
-
 def find_cases(root) -> list[dict]:
-    """``[{"id", "dwi", "adc", "mask"}]`` for every DWI that has an ADC and an expert mask."""
+    """``[{"id", "dwi", "adc", "mask"}]`` for every session with a trace, an ADC and one expert mask."""
+    from bids_app.discovery import discover
+    from bids_app.evaluate import find_references
+
     root = Path(root)
-    masks = {}
-    for m in sorted((root / "derivatives").rglob("*_msk.nii*")):
-        masks[_key(m)] = m
+    refs = find_references(root)
     cases = []
-    for dwi in sorted(root.glob("sub-*/**/dwi/*_dwi.nii*")):
-        key = _key(dwi)
-        adc = sorted(dwi.parent.glob(dwi.name.split("_dwi.nii")[0] + "_adc.nii*"))
-        if adc and key in masks:
-            case_id = f"sub-{key[0]}" + (f"_ses-{key[1]}" if key[1] else "")
-            cases.append({"id": case_id, "dwi": dwi, "adc": adc[0], "mask": masks[key]})
+    for ses in discover(root, validate=False):
+        mask = refs.get((ses.subject, ses.session), (None, ""))[0]
+        if ses.problem or ses.adc is None or mask is None:
+            continue
+        case_id = f"sub-{ses.subject}" + (f"_ses-{ses.session}" if ses.session else "")
+        cases.append({"id": case_id, "dwi": Path(ses.dwi), "adc": Path(ses.adc), "mask": mask})
     if not cases:
-        raise FileNotFoundError(f"{root}: no case with *_dwi, *_adc and a derivatives/*_msk mask")
+        raise FileNotFoundError(f"{root}: no session with a trace DWI, an ADC and one expert lesion mask")
     return cases
+
+
+def prepare_case(dwi_path, adc_path):
+    """(trace_n, adc_n, affine) as the app's load/units/conform/skullstrip/normalize steps make them."""
+    import nibabel as nib
+
+    from nodes.adc_units import harmonise_adc
+    from nodes.conform import conform_adc
+    from nodes.load import squeeze_extra_axes
+    from nodes.normalize import normalize
+    from nodes.skullstrip import skullstrip_canonical
+
+    dwi, adc_img = nib.load(str(dwi_path)), nib.load(str(adc_path))
+    trace = squeeze_extra_axes(np.asarray(dwi.dataobj, dtype=np.float32))
+    adc = squeeze_extra_axes(np.asarray(adc_img.dataobj, dtype=np.float32))
+    adc, _ = harmonise_adc(adc, path=adc_path)
+    adc, _ = conform_adc(trace, dwi.affine, adc, adc_img.affine, adc_path=adc_path)
+    brain = skullstrip_canonical(trace, adc, dwi.header.get_zooms()[:3], dwi.affine)
+    dwi_n, adc_n, _ = normalize(brain["trace"], brain["adc"], brain["mask"])
+    return dwi_n, adc_n, dwi.affine
 
 
 def load_case(case: dict, voxel_mm: float = 2.0):
     """(x (2, D, H, W) float32, y (1, D, H, W) float32) on the RAS 2 mm model grid."""
     import nibabel as nib
 
-    from .predictor import _Grid, normalize_images
+    from bids_app.evaluate import resample_nearest
+    from nodes.load import squeeze_extra_axes
 
-    dwi, adc = nib.load(str(case["dwi"])), nib.load(str(case["adc"]))
-    brain = np.asarray(dwi.dataobj) > 0
-    dn, an = normalize_images(dwi, adc, brain)
-    mask = (np.asarray(nib.load(str(case["mask"])).dataobj) > 0).astype(np.float32)
-    grid = _Grid(dwi.shape, dwi.affine, voxel_mm)
-    x = np.stack([grid.to_model(np.asarray(dn.dataobj)), grid.to_model(np.asarray(an.dataobj))])
-    y = (grid.to_model(mask) > 0.5).astype(np.float32)[None]
+    from .predictor import _Grid
+
+    dwi_n, adc_n, affine = prepare_case(case["dwi"], case["adc"])
+    ref = nib.load(str(case["mask"]))
+    mask = squeeze_extra_axes(np.asarray(ref.dataobj)) > 0
+    if mask.shape != dwi_n.shape or not np.allclose(ref.affine, affine, atol=1e-3):
+        mask = resample_nearest(mask.astype(np.uint8), ref.affine, affine, dwi_n.shape) > 0
+    grid = _Grid(dwi_n.shape, affine, voxel_mm)
+    x = np.stack([grid.to_model(dwi_n), grid.to_model(adc_n)]).astype(np.float32)
+    y = (grid.to_model(mask.astype(np.float32)) > 0.5).astype(np.float32)[None]
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
