@@ -199,12 +199,8 @@ def find_pairs(deriv_dir, reference_dir, desc: str | None = None) -> list[Pair]:
     for path in pred_files:
         ents = _entities(path)
         preds.setdefault((ents["sub"], ents.get("ses")), []).append(path)
-    skip = {p.resolve() for p in pred_files}
-    if not _inside(reference_dir, deriv_dir):  # app outputs are never references
-        skip_dir = deriv_dir
-    else:
-        skip_dir = None
-    refs = find_references(reference_dir, skip=skip, skip_dir=skip_dir)
+    skip_dirs = () if _inside(reference_dir, deriv_dir) else (deriv_dir,)  # app outputs are never references
+    refs = find_references(reference_dir, skip={p.resolve() for p in pred_files}, skip_dirs=skip_dirs)
     pairs = []
     for key in sorted(set(preds) | set(refs), key=lambda k: (k[0], k[1] or "")):
         note = ""
@@ -219,15 +215,15 @@ def find_pairs(deriv_dir, reference_dir, desc: str | None = None) -> list[Pair]:
     return pairs
 
 
-def find_references(reference_dir, skip=frozenset(), skip_dir=None) -> dict[tuple, tuple[Path | None, str]]:
+def find_references(reference_dir, skip=frozenset(), skip_dirs=()) -> dict[tuple, tuple[Path | None, str]]:
     """``{(subject, session): (reference mask or None, note)}`` for every reference under ``reference_dir``.
 
     The best-ranked candidate wins (see :func:`_reference_rank`); a tie gives None and an
-    "ambiguous reference" note. Files in ``skip`` or under ``skip_dir`` are ignored.
+    "ambiguous reference" note. Files in ``skip`` or under one of ``skip_dirs`` are ignored.
     """
     ranked: dict[tuple, list[tuple[int, Path]]] = {}
     for path in sorted(Path(reference_dir).rglob("sub-*")):
-        if not path.is_file() or path.resolve() in skip or (skip_dir is not None and _inside(path, skip_dir)):
+        if not path.is_file() or path.resolve() in skip or any(_inside(path, d) for d in skip_dirs):
             continue
         ents = _entities(path)
         rank = _reference_rank(path, ents)

@@ -33,6 +33,25 @@ def test_no_mask_no_case(tmp_path):
         find_cases(tmp_path / "soop")
 
 
+def test_the_apps_own_masks_are_never_references(tmp_path):
+    """A derivatives folder written by this app inside the dataset: its label-lesion masks would
+    outrank the expert's ``desc-lesionAcute_mask``; they must be ignored."""
+    import json
+    import shutil
+
+    from bids_app import APP_NAME
+
+    root = tmp_path / "soop"
+    shutil.copytree(SOOP, root)
+    app = root / "derivatives" / "deepisles" / "sub-3" / "dwi"
+    app.mkdir(parents=True)
+    (app.parents[1] / "dataset_description.json").write_text(json.dumps(
+        {"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": APP_NAME}]}))
+    shutil.copy(find_cases(SOOP)[0]["mask"], app / "sub-3_label-lesion_mask.nii.gz")
+    (case,) = find_cases(root)
+    assert case["mask"].name == "sub-3_space-TRACE_desc-lesionAcute_mask.nii.gz"
+
+
 def test_preprocessing_is_the_apps(tmp_path):
     """Skull on, ADC in 1e-6 mm2/s, 4-D files: the same normalised arrays as the app's own steps."""
     (case,) = find_cases(SOOP)

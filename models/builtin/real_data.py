@@ -27,7 +27,7 @@ def find_cases(root) -> list[dict]:
     from bids_app.evaluate import find_references
 
     root = Path(root)
-    refs = find_references(root)
+    refs = find_references(root, skip_dirs=app_output_dirs(root))
     cases = []
     for ses in discover(root, validate=False):
         mask = refs.get((ses.subject, ses.session), (None, ""))[0]
@@ -38,6 +38,23 @@ def find_cases(root) -> list[dict]:
     if not cases:
         raise FileNotFoundError(f"{root}: no session with a trace DWI, an ADC and one expert lesion mask")
     return cases
+
+
+def app_output_dirs(root) -> list[Path]:
+    """Folders under ``root`` written by this app (its masks are predictions, never references)."""
+    import json
+
+    from bids_app import APP_NAME
+
+    found = []
+    for desc in Path(root).rglob("dataset_description.json"):
+        try:
+            gen = json.loads(desc.read_text()).get("GeneratedBy") or []
+        except (OSError, ValueError):
+            continue
+        if any(isinstance(g, dict) and g.get("Name") == APP_NAME for g in gen):
+            found.append(desc.parent)
+    return found
 
 
 def prepare_case(dwi_path, adc_path):
