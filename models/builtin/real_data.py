@@ -77,20 +77,26 @@ def prepare_case(dwi_path, adc_path):
     return dwi_n, adc_n, dwi.affine
 
 
-def load_case(case: dict, voxel_mm: float = 2.0):
-    """(x (2, D, H, W) float32, y (1, D, H, W) float32) on the RAS 2 mm model grid."""
+def load_reference(mask_path, affine, shape) -> np.ndarray:
+    """The expert mask as a boolean array on the DWI grid (nearest neighbour if it is on another grid)."""
     import nibabel as nib
 
     from bids_app.evaluate import resample_nearest
     from nodes.load import squeeze_extra_axes
 
+    ref = nib.load(str(mask_path))
+    mask = squeeze_extra_axes(np.asarray(ref.dataobj)) > 0
+    if mask.shape != tuple(shape) or not np.allclose(ref.affine, affine, atol=1e-3):
+        mask = resample_nearest(mask.astype(np.uint8), ref.affine, affine, shape) > 0
+    return mask
+
+
+def load_case(case: dict, voxel_mm: float = 2.0):
+    """(x (2, D, H, W) float32, y (1, D, H, W) float32) on the RAS 2 mm model grid."""
     from .predictor import _Grid
 
     dwi_n, adc_n, affine = prepare_case(case["dwi"], case["adc"])
-    ref = nib.load(str(case["mask"]))
-    mask = squeeze_extra_axes(np.asarray(ref.dataobj)) > 0
-    if mask.shape != dwi_n.shape or not np.allclose(ref.affine, affine, atol=1e-3):
-        mask = resample_nearest(mask.astype(np.uint8), ref.affine, affine, dwi_n.shape) > 0
+    mask = load_reference(case["mask"], affine, dwi_n.shape)
     grid = _Grid(dwi_n.shape, affine, voxel_mm)
     x = np.stack([grid.to_model(dwi_n), grid.to_model(adc_n)]).astype(np.float32)
     y = (grid.to_model(mask.astype(np.float32)) > 0.5).astype(np.float32)[None]

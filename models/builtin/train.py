@@ -78,25 +78,21 @@ def selection_score(val: dict, rule: str) -> float:
 
 
 def eval_real(state_dict, hparams, bids_path, device="cpu", roi=None):
-    """Dice / lesion-wise F1 of ``state_dict`` on the first case of a BIDS folder (information only)."""
+    """Dice / lesion-wise F1 of ``state_dict`` on the first labelled case of a BIDS folder (information only)."""
     import nibabel as nib
 
     from models.postprocess import postprocess  # scipy: only where a real case is evaluated
 
     from .metrics import lesion_metrics
-    from .predictor import BuiltinPredictor, normalize_images
+    from .predictor import BuiltinPredictor
+    from .real_data import find_cases, load_reference, prepare_case
 
-    root = Path(bids_path)
-    dwi_f = sorted(root.glob("sub-*/**/dwi/*_dwi.nii*"))[0]
-    adc_f = sorted(root.glob("sub-*/**/dwi/*_adc.nii*"))[0]
-    msk_f = sorted(root.glob("derivatives/**/*_msk.nii*"))[0]
-    dwi, adc = nib.load(str(dwi_f)), nib.load(str(adc_f))
-    brain = np.asarray(dwi.dataobj) > 0
-    dn, an = normalize_images(dwi, adc, brain)
+    case = find_cases(bids_path)[0]
+    dn, an, affine = prepare_case(case["dwi"], case["adc"])
+    gt = load_reference(case["mask"], affine, dn.shape)
     pred = BuiltinPredictor.from_state_dict(state_dict, hparams, device=device, roi=roi)
-    prob = pred.predict(dn, an)
-    gt = np.asarray(nib.load(str(msk_f)).dataobj) > 0
-    vox_ml = float(np.prod(dwi.header.get_zooms()[:3])) / 1000.0
+    prob = pred.predict(nib.Nifti1Image(dn, affine), nib.Nifti1Image(an, affine))
+    vox_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
     return lesion_metrics(postprocess(prob, 0.5)[0] > 0, gt, vox_ml)
 
 
