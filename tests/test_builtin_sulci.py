@@ -61,15 +61,18 @@ def _adc_gradient(gen, seeds):
 
 
 # sums of trace, ADC and label of seed 900003000 at FOV 56 x 64 x 56 from the generator before sulci.py
-# (commit 9fa02f1); 1 and 2 threads differ in the 10th digit only
+# (commit 9fa02f1); 1 and 2 threads differ in the 10th digit only. Another CPU (an AMX Xeon, 2026-11-28)
+# gives sums up to 6e-6 (relative) away; an extra random draw or another seed moves them by 5-33 %
+# (seed 900003001) and sulci in every volume by 5-9 %, so a 1e-4 tolerance still catches any change.
 RELEASE4_GENERATOR = (129739.41714, 172924.46148, 9.0)
+GENERATOR_RTOL = 1e-4
 
 
 def test_without_sulci_the_generator_of_release_4():
     """``sulci=0`` (the default) draws nothing more, so earlier training recipes get their volumes back."""
     x, y = SynthGenerator("cpu", fov=(56, 64, 56), label_rule="visible").sample_one(900003000)
     got = (float(x[0].double().sum()), float(x[1].double().sum()), float(y.double().sum()))
-    assert got == pytest.approx(RELEASE4_GENERATOR, rel=1e-6)
+    assert got == pytest.approx(RELEASE4_GENERATOR, rel=GENERATOR_RTOL)
 
 
 def test_generator_with_sulci_is_more_textured():

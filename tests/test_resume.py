@@ -9,11 +9,12 @@ Two subjects (the ISLES'22 sample at 4 mm, ``tests.datasets.make_isles22``):
   threads), as a user moving to a bigger node would.
 
 The resumed run must finish (exit 0) and give byte-identical derivatives (NIfTI, TSV, JSON sidecars,
-figures) to the reference; every node that had finished before the kill must be reused from nipype's
+figures) to the reference, except that a probability map computed with 2 torch threads may differ from
+the 1-thread one by at most ``PROB_ATOL`` (float reduction order; masks, tables and figures identical); every node that had finished before the kill must be reused from nipype's
 cache (its result file untouched), outputs written before the kill must not be rewritten, and no
 ``*.part`` temporary file may be left anywhere. The other subjects are segmented by the resumed
 ``--nprocs 2`` run, so the comparison also shows that ``--nprocs 1`` and ``--nprocs 2`` (Linear vs
-MultiProc, 1 vs 2 torch threads) give identical outputs, and that separate runs give bit-identical
+MultiProc, 1 vs 2 torch threads) give the same outputs, and that separate runs give bit-identical
 files.
 """
 
@@ -27,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from models.builtin import predictor as bp
@@ -34,6 +37,7 @@ from tests.datasets import make_isles22
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ("01", "02")
+PROB_ATOL = 1e-6  # 1 vs 2 torch threads, probability maps only
 pytestmark = pytest.mark.skipif(not bp.DEFAULT_WEIGHTS.is_file(), reason="built-in weights not present")
 
 
@@ -134,11 +138,17 @@ def test_killed_run_resumes_to_identical_outputs(dataset, reference):
     assert not rewritten, f"outputs written before the kill were rewritten: {rewritten}"
     assert len(after) > len(cached)  # the rest was computed
 
-    # same bytes as the uninterrupted run (the first subject's model ran in the --nprocs 1 run)
+    # same bytes as the uninterrupted run (the first subject's model ran in the --nprocs 1 run); the
+    # probability maps of subjects segmented with 2 torch threads instead of 1 may differ in the last
+    # float bits (split reductions: up to 3.9e-7 seen on an AMX Xeon, 2026-11-28), never their masks
     files = derivatives(out)
     assert files.keys() == reference["files"].keys()
     differ = sorted(k for k in files if files[k] != reference["files"][k])
-    assert not differ, f"derivatives differ from the uninterrupted run: {differ}"
+    assert all(k.endswith("_probseg.nii.gz") for k in differ), f"derivatives differ from the uninterrupted run: {differ}"
+    for k in differ:
+        got, ref = nib.load(str(out / k)), nib.load(str(reference["out"] / k))
+        assert got.header.get_data_dtype() == ref.header.get_data_dtype() and np.array_equal(got.affine, ref.affine)
+        assert np.abs(np.asanyarray(got.dataobj) - np.asanyarray(ref.dataobj)).max() <= PROB_ATOL, k
 
     leftovers = [str(p) for root in (out, work) for p in root.rglob("*.part")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
