@@ -86,8 +86,6 @@ def test_skull_stripped_isles_case_is_reoriented_exactly():
 @pytest.mark.skipif(not SAMPLE.exists(), reason="no sample")
 def test_train_eval_real_reads_both_layouts():
     """``train.py --eval-real``: the shipped weights' plain 0.5 mask scored on either demo case."""
-    import torch
-
     from models.builtin import predictor as bp
     from models.builtin.train import eval_real
     from models.builtin.weights_file import read_verified
@@ -95,7 +93,6 @@ def test_train_eval_real_reads_both_layouts():
     if not bp.DEFAULT_WEIGHTS.is_file():
         pytest.skip("built-in weights not present")
     meta, state = read_verified(bp.DEFAULT_WEIGHTS)
-    torch.set_num_threads(2)
     soop = eval_real(state, meta["hparams"], SOOP, roi=tuple(meta["patch"]))
     isles = eval_real(state, meta["hparams"], SAMPLE, roi=tuple(meta["patch"]))
     assert soop["dice"] > 0.6 and isles["dice"] > 0.3, (soop, isles)

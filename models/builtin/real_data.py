@@ -98,7 +98,7 @@ def load_case(case: dict, voxel_mm: float = 2.0):
     dwi_n, adc_n, affine = prepare_case(case["dwi"], case["adc"])
     mask = load_reference(case["mask"], affine, dwi_n.shape)
     grid = _Grid(dwi_n.shape, affine, voxel_mm)
-    x = np.stack([grid.to_model(dwi_n), grid.to_model(adc_n)]).astype(np.float32)
+    x = np.stack([grid.to_model(dwi_n), grid.to_model(adc_n)])  # float32 from to_model
     y = (grid.to_model(mask.astype(np.float32)) > 0.5).astype(np.float32)[None]
     return torch.from_numpy(x), torch.from_numpy(y)
 
