@@ -42,3 +42,79 @@ def test_small_lesion_gets_more_gradient():
         LesionWeightedDiceCE(weight)(logits, y).backward()
         grads.append(float(logits.grad[0, 0, 20, 20, 20].abs()) / float(logits.grad[0, 0, 5, 5, 5].abs()))
     assert grads[1] > 2.0 * grads[0]
+
+
+def _brute_lesion_dice(prob, y, radius):
+    """Per-component Dice on the component plus background within ``radius`` (chessboard), by scipy."""
+    import numpy as np
+    from scipy import ndimage
+
+    lab, n = ndimage.label(y > 0.5, structure=np.ones((3, 3, 3)))
+    out = []
+    for k in range(1, n + 1):
+        comp = lab == k
+        region = ndimage.binary_dilation(comp, np.ones((3, 3, 3)), iterations=radius) & ((lab == 0) | comp)
+        inter = prob[comp].sum()
+        out.append(2 * inter / (prob[region].sum() + comp.sum() + 1e-4))
+    return out
+
+
+def test_lesion_wise_dice_matches_brute_force():
+    from models.builtin.loss import lesion_wise_dice_loss
+
+    torch.manual_seed(1)
+    y = _two_lesions()
+    logits = torch.randn_like(y) * 2
+    got = float(lesion_wise_dice_loss(logits, y, radius=3))
+    dices = _brute_lesion_dice(torch.sigmoid(logits)[0, 0].numpy(), y[0, 0].numpy(), 3)
+    assert len(dices) == 2
+    assert abs(got - (1 - sum(dices) / 2)) < 1e-5
+
+
+def test_lesion_wise_dice_counts_each_lesion_once():
+    from models.builtin.loss import lesion_wise_dice_loss
+
+    y = _two_lesions()
+    big_only = torch.where(y > 0, -20.0, -20.0)
+    big_only[0, 0, 2:12, 2:12, 2:12] = 20.0  # the infarct found, the 2-voxel embolus missed
+    small_only = torch.full_like(y, -20.0)
+    small_only[0, 0, 20, 20, 20:22] = 20.0  # the embolus found, the infarct missed
+    # whatever their sizes, missing either lesion costs half of the term
+    assert abs(float(lesion_wise_dice_loss(big_only, y)) - 0.5) < 1e-3
+    assert abs(float(lesion_wise_dice_loss(small_only, y)) - 0.5) < 1e-3
+    # the batch Dice barely notices the missed embolus
+    batch = LesionWeightedDiceCE(1.0)
+    assert float(batch(big_only, y)) < 0.01 < float(batch(small_only, y))
+
+
+def test_lesion_wise_dice_near_and_far_false_positives():
+    from models.builtin.loss import lesion_wise_dice_loss
+
+    y = torch.zeros(1, 1, 32, 32, 32)
+    y[0, 0, 5:8, 5:8, 5:8] = 1
+    exact = torch.where(y > 0, 20.0, -20.0)
+    near, far = exact.clone(), exact.clone()
+    near[0, 0, 9:11, 5:8, 5:8] = 20.0  # 2-3 voxels from the lesion
+    far[0, 0, 25:27, 25:28, 25:28] = 20.0
+    base = float(lesion_wise_dice_loss(exact, y))
+    assert base < 1e-3
+    assert float(lesion_wise_dice_loss(far, y)) == pytest.approx(base, abs=1e-6)
+    assert float(lesion_wise_dice_loss(near, y)) > 0.2
+
+
+def test_lesion_wise_dice_without_lesions_is_zero_with_graph():
+    from models.builtin.loss import lesion_wise_dice_loss
+
+    logits = torch.randn(2, 1, 8, 8, 8, requires_grad=True)
+    loss = lesion_wise_dice_loss(logits, torch.zeros(2, 1, 8, 8, 8))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_lesion_dice_weight_zero_keeps_the_old_loss():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 1, 16, 16, 16)
+    y = (torch.rand(2, 1, 16, 16, 16) > 0.95).float()
+    old = LesionWeightedDiceCE(4.0)(logits, y)
+    assert torch.equal(LesionWeightedDiceCE(4.0, lesion_dice_weight=0.0)(logits, y), old)
+    assert float(LesionWeightedDiceCE(4.0, lesion_dice_weight=1.0)(logits, y)) > float(old)

@@ -145,6 +145,10 @@ def main(argv=None):
                          "synthetic volume (synth.py; default 0, releases 1-4)")
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
+    ap.add_argument("--lesion-dice-weight", type=float, default=0.0,
+                    help="weight of the lesion-wise Dice term (models/builtin/loss.py); 0 = off (releases 1-4)")
+    ap.add_argument("--lesion-dice-radius", type=int, default=4,
+                    help="neighbourhood of each lesion in the lesion-wise Dice term, in voxels")
     ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
                     help="synthetic-validation score that picks the saved weights")
     args = ap.parse_args(argv)
@@ -210,7 +214,8 @@ def main(argv=None):
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warm) / max(1, args.steps - warm))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    loss_fn = LesionWeightedDiceCE(args.small_lesion_weight)
+    loss_fn = LesionWeightedDiceCE(args.small_lesion_weight, lesion_dice_weight=args.lesion_dice_weight,
+                                   lesion_dice_radius=args.lesion_dice_radius)
     step = 0
     best = {"val_dice": -1.0, "step": 0, "state": None}
     if args.resume and ckpt_path.exists():
@@ -328,6 +333,8 @@ def main(argv=None):
         "sulci": args.sulci,
         "texture": args.texture,
         "small_lesion_weight": args.small_lesion_weight,
+        "lesion_dice_weight": args.lesion_dice_weight,
+        "lesion_dice_radius": args.lesion_dice_radius,
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
         "patch": list(patch),
