@@ -149,6 +149,9 @@ def main(argv=None):
                     help="weight of the lesion-wise Dice term (models/builtin/loss.py); 0 = off (releases 1-4)")
     ap.add_argument("--lesion-dice-radius", type=int, default=4,
                     help="neighbourhood of each lesion in the lesion-wise Dice term, in voxels")
+    ap.add_argument("--lesion-fp-threshold", type=float, default=None,
+                    help="with --lesion-dice-weight: predicted components above this probability that touch no "
+                         "lesion join the lesion-wise term (loss.py); default off")
     ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
                     help="synthetic-validation score that picks the saved weights")
     args = ap.parse_args(argv)
@@ -215,7 +218,8 @@ def main(argv=None):
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     loss_fn = LesionWeightedDiceCE(args.small_lesion_weight, lesion_dice_weight=args.lesion_dice_weight,
-                                   lesion_dice_radius=args.lesion_dice_radius)
+                                   lesion_dice_radius=args.lesion_dice_radius,
+                                   lesion_fp_threshold=args.lesion_fp_threshold)
     step = 0
     best = {"val_dice": -1.0, "step": 0, "state": None}
     if args.resume and ckpt_path.exists():
@@ -335,6 +339,7 @@ def main(argv=None):
         "small_lesion_weight": args.small_lesion_weight,
         "lesion_dice_weight": args.lesion_dice_weight,
         "lesion_dice_radius": args.lesion_dice_radius,
+        "lesion_fp_threshold": args.lesion_fp_threshold,
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
         "patch": list(patch),
