@@ -185,6 +185,30 @@ def test_training_release3_options(tmp_path, monkeypatch):
     assert T.selection_score(val, "dice_f1") == pytest.approx(0.5 * (val["dice"] + val["lesion_f1"]))
 
 
+def test_training_lesion_wise_options(tmp_path, monkeypatch):
+    """``--lesion-dice-weight``, ``--lesion-dice-radius`` and ``--lesion-fp-threshold`` reach the loss and
+    the sidecar; by default the term is off."""
+    import models.builtin.train as T
+
+    seen = []
+
+    class Loss(T.LesionWeightedDiceCE):
+        def __init__(self, *a, **kw):
+            seen.append(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(T, "SynthGenerator", lambda device, **kw: SynthGenerator(device, fov=SMALL_FOV, **kw))
+    monkeypatch.setattr(T, "LesionWeightedDiceCE", Loss)
+    common = ["--batch", "1", "--device", "cpu", "--patch", "32", "32", "32", "--val-every", "0", "--steps", "1"]
+    meta = T.main(["--out", str(tmp_path / "a")] + common + ["--lesion-dice-weight", "0.5", "--lesion-dice-radius",
+                                                              "2", "--lesion-fp-threshold", "0.3"])
+    assert seen[-1] == {"lesion_dice_weight": 0.5, "lesion_dice_radius": 2, "lesion_fp_threshold": 0.3}
+    assert (meta["lesion_dice_weight"], meta["lesion_dice_radius"], meta["lesion_fp_threshold"]) == (0.5, 2, 0.3)
+    meta = T.main(["--out", str(tmp_path / "b")] + common)
+    assert seen[-1]["lesion_dice_weight"] == 0.0 and seen[-1]["lesion_fp_threshold"] is None
+    assert meta["lesion_dice_weight"] == 0.0
+
+
 def test_training_validation_seeds_can_be_moved(tmp_path, monkeypatch):
     """``--val-seed0`` moves step selection onto other volumes (apart from score_synthetic's); the default
     stays ``VAL_SEED0``, and the sidecar records the seeds used."""

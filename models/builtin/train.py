@@ -13,7 +13,8 @@ training). At the end ``DIR/builtin_v1.pt`` (state_dict only, best synthetic-val
 Options of release 3: ``--label-rule visible`` (``labels.py``: small lesions still visible after the
 generator's degradation keep a label), ``--small-lesion-weight W`` (``loss.py``: cross-entropy weight up
 to W on small lesions) and ``--select dice_f1`` (the saved weights maximise the mean of synthetic Dice
-and lesion-wise F1). Defaults reproduce the release-2 recipe.
+and lesion-wise F1). Defaults reproduce the release-2 recipe. ``--lesion-dice-weight`` and
+``--lesion-fp-threshold`` add the lesion-wise term of ``loss.py`` (stages P-Q; not in the shipped weights).
 """
 
 from __future__ import annotations
