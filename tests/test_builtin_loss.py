@@ -75,7 +75,7 @@ def test_lesion_wise_dice_counts_each_lesion_once():
     from models.builtin.loss import lesion_wise_loss
 
     y = _two_lesions()
-    big_only = torch.where(y > 0, -20.0, -20.0)
+    big_only = torch.full_like(y, -20.0)
     big_only[0, 0, 2:12, 2:12, 2:12] = 20.0  # the infarct found, the 2-voxel embolus missed
     small_only = torch.full_like(y, -20.0)
     small_only[0, 0, 20, 20, 20:22] = 20.0  # the embolus found, the infarct missed
