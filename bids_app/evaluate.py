@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from bids_app.errors import InputError, NoDataError, UsageError
 from nodes.base import atomic_write_text, load_nifti
+from nodes.load import squeeze_extra_axes
 
 GRID_TOL_MM = 1e-4
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -98,10 +99,11 @@ def evaluate_masks(pred, gt, voxel_ml: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- one case
-def _load_3d(path):
+def load_mask_3d(path):
+    """(image, array) of a 3-D mask; singleton axes beyond the third are dropped, any other shape is an
+    ``InputError`` naming the file."""
     img, data = load_nifti(path)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+    data = squeeze_extra_axes(data)
     if data.ndim != 3:
         raise InputError(path, f"expected a 3-D mask, got shape {data.shape}")
     return img, data
@@ -120,8 +122,8 @@ def evaluate_case(pred_path, gt_path) -> dict:
     Grids are the same when shapes match and affines agree within ``GRID_TOL_MM``; otherwise the
     prediction is resampled (nearest neighbour) onto the reference grid and ``note`` says so.
     """
-    p_img, pred = _load_3d(pred_path)
-    g_img, gt = _load_3d(gt_path)
+    p_img, pred = load_mask_3d(pred_path)
+    g_img, gt = load_mask_3d(gt_path)
     note = ""
     if pred.shape != gt.shape or not np.allclose(p_img.affine, g_img.affine, atol=GRID_TOL_MM):
         pred = resample_nearest(pred, p_img.affine, g_img.affine, gt.shape)

@@ -75,6 +75,20 @@ def test_shape_mismatch_raises():
         E.dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
 
 
+def test_load_mask_3d_drops_singleton_axes_and_names_bad_files(tmp_path):
+    from bids_app.errors import InputError
+
+    data = np.zeros((4, 5, 6, 1, 1), dtype=np.uint8)
+    data[1, 2, 3] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "ok_mask.nii.gz")
+    _, got = E.load_mask_3d(tmp_path / "ok_mask.nii.gz")
+    assert got.shape == (4, 5, 6) and int(got.sum()) == 1
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), dtype=np.uint8), np.eye(4)), tmp_path / "two_mask.nii.gz")
+    with pytest.raises(InputError, match="two_mask.nii.gz") as err:
+        E.load_mask_3d(tmp_path / "two_mask.nii.gz")
+    assert "3-D mask" in str(err.value)
+
+
 def test_expert_mask_against_itself():
     res = E.evaluate_case(EXPERT, EXPERT)
     assert res["dice"] == 1.0 and res["lesion_f1"] == 1.0

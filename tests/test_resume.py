@@ -10,9 +10,10 @@ Two subjects (the ISLES'22 sample at 4 mm, ``tests.datasets.make_isles22``):
 
 The resumed run must finish (exit 0) and give byte-identical derivatives (NIfTI, TSV, JSON sidecars,
 figures) to the reference, except that a probability map computed with 2 torch threads may differ from
-the 1-thread one by at most ``PROB_ATOL`` (float reduction order; masks, tables and figures identical); every node that had finished before the kill must be reused from nipype's
-cache (its result file untouched), outputs written before the kill must not be rewritten, and no
-``*.part`` temporary file may be left anywhere. The other subjects are segmented by the resumed
+the 1-thread one by at most ``PROB_ATOL`` (float reduction order; masks, tables and figures identical);
+every node that had finished before the kill must be reused from nipype's cache (its result file
+untouched), outputs written before the kill must not be rewritten, and no ``*.part`` temporary file may
+be left anywhere. The other subjects are segmented by the resumed
 ``--nprocs 2`` run, so the comparison also shows that ``--nprocs 1`` and ``--nprocs 2`` (Linear vs
 MultiProc, 1 vs 2 torch threads) give the same outputs, and that separate runs give bit-identical
 files.

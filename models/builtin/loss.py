@@ -78,11 +78,12 @@ def lesion_dice_terms(prob: torch.Tensor, components, radius: int = 4, eps: floa
     return torch.cat(terms)
 
 
-def false_positive_terms(prob: torch.Tensor, y: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def false_positive_terms(prob: torch.Tensor, components, threshold: float = 0.5) -> torch.Tensor:
     """Mean probability of every predicted component (``prob > threshold``, 26-connected) that touches no
-    ground-truth voxel, the ISLES'22 false positive (1-D tensor, possibly empty)."""
+    ground-truth voxel (``components`` of ``component_labels``), the ISLES'22 false positive (1-D tensor,
+    possibly empty)."""
     pred = (prob.detach() > threshold).cpu().numpy()
-    gt = y.detach().cpu().numpy()[:, 0] > 0.5
+    gt = components[0] > 0
     terms = [prob.new_zeros(0)]
     for b in range(pred.shape[0]):
         lab, n = ndimage.label(pred[b], structure=STRUCTURE_26)
@@ -109,7 +110,7 @@ def lesion_wise_loss(logits: torch.Tensor, y: torch.Tensor, radius: int = 4, com
     prob = torch.sigmoid(logits.float())[:, 0]
     terms = [lesion_dice_terms(prob, components, radius)]
     if fp_threshold is not None:
-        terms.append(false_positive_terms(prob, y, fp_threshold))
+        terms.append(false_positive_terms(prob, components, fp_threshold))
     terms = torch.cat(terms)
     return terms.mean() if terms.numel() else logits.sum() * 0.0
 

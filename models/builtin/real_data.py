@@ -78,15 +78,13 @@ def prepare_case(dwi_path, adc_path):
 
 
 def load_reference(mask_path, affine, shape) -> np.ndarray:
-    """The expert mask as a boolean array on the DWI grid (nearest neighbour if it is on another grid)."""
-    import nibabel as nib
+    """The expert mask as a boolean array on the DWI grid: read as ``deepisles evaluate`` reads masks,
+    nearest neighbour if its grid differs by more than ``GRID_TOL_MM``."""
+    from bids_app.evaluate import GRID_TOL_MM, load_mask_3d, resample_nearest
 
-    from bids_app.evaluate import resample_nearest
-    from nodes.load import squeeze_extra_axes
-
-    ref = nib.load(str(mask_path))
-    mask = squeeze_extra_axes(np.asarray(ref.dataobj)) > 0
-    if mask.shape != tuple(shape) or not np.allclose(ref.affine, affine, atol=1e-3):
+    ref, mask = load_mask_3d(mask_path)
+    mask = mask > 0
+    if mask.shape != tuple(shape) or not np.allclose(ref.affine, affine, atol=GRID_TOL_MM):
         mask = resample_nearest(mask.astype(np.uint8), ref.affine, affine, shape) > 0
     return mask
 
