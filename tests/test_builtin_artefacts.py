@@ -57,3 +57,36 @@ def test_pileup_is_deterministic_per_seed():
     susceptibility_pileup(random.Random(3), brain, idx, a, brain.clone())
     susceptibility_pileup(random.Random(3), brain, idx, b, brain.clone())
     assert torch.equal(a, b)
+
+
+def test_low_adc_pileups_lower_the_adc_and_can_peak_under_the_edge():
+    """``low_adc=1``: every pile-up is pseudo-restricted: the ADC falls wherever the trace is brightened (to
+    0.5x at the least), a peak that can lie below the outermost layer; nothing leaves the brain."""
+    brain, idx = _ball()
+    depth = surface_depth(brain)
+    deeper_peaks, lowest = 0, 1.0
+    for seed in range(8):
+        dwi, adc = brain.clone(), brain.clone()
+        susceptibility_pileup(random.Random(seed), brain, idx, dwi, adc, low_adc=1.0)
+        assert torch.all(dwi[brain == 0] == 0) and torch.all(adc[brain == 0] == 0)
+        assert torch.all(dwi >= brain - 1e-6) and torch.all(adc <= brain + 1e-6)
+        gain = dwi - brain
+        touched = gain > 1e-3
+        ratio = adc[touched] / brain[touched]
+        assert float(ratio.max()) < 1 and float(ratio.min()) >= 0.5 - 1e-6
+        lowest = min(lowest, float(ratio.min()))
+        layer_gain = [float(gain[depth == d].max()) for d in range(1, 6)]
+        if max(layer_gain[1:]) > layer_gain[0] * 1.05:
+            deeper_peaks += 1
+    assert deeper_peaks >= 2 and lowest < 0.8
+
+
+def test_low_adc_zero_is_the_pileup_of_release_4():
+    """The default draws nothing more, so earlier recipes get their volumes back."""
+    brain, idx = _ball()
+    for seed in range(4):
+        a, b = brain.clone(), brain.clone()
+        rng_a, rng_b = random.Random(seed), random.Random(seed)
+        susceptibility_pileup(rng_a, brain, idx, a, brain.clone())
+        susceptibility_pileup(rng_b, brain, idx, b, brain.clone(), low_adc=0.0)
+        assert torch.equal(a, b) and rng_a.random() == rng_b.random()

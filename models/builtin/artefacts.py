@@ -6,6 +6,12 @@ millimetres deep, often on both temporal poles at once; its ADC is roughly norma
 little low. It is not a lesion. The band is a depth profile ``exp(-(depth - 1) / lam)`` below the
 brain surface (depth in voxels, by repeated 26-neighbour erosion), confined to one or a few smooth
 regions, mirrored across the midline in half the cases.
+
+With ``low_adc=P`` (0 by default, the generator of releases 1-4) a share P of pile-ups are the
+pseudo-restricted kind: where the b=0 and b=1000 images are distorted differently (eddy currents,
+susceptibility at the skull base) the computed ADC in the band is low too (0.5-0.8x), and the band can
+peak a few voxels under the mask edge (the cortex under the surface CSF), always at one of ``SITES``.
+A bright, low-ADC spot there is still not a lesion.
 """
 
 from __future__ import annotations
@@ -37,13 +43,17 @@ def surface_depth(brain_soft: torch.Tensor, max_depth: int = MAX_DEPTH) -> torch
 
 
 def susceptibility_pileup(rng, brain_soft: torch.Tensor, vox: torch.Tensor, dwi: torch.Tensor,
-                          adc: torch.Tensor) -> None:
-    """Add one susceptibility pile-up artefact to ``dwi`` / ``adc`` in place (unlabelled)."""
+                          adc: torch.Tensor, low_adc: float = 0.0) -> None:
+    """Add one susceptibility pile-up artefact to ``dwi`` / ``adc`` in place (unlabelled).
+
+    ``low_adc``: probability that it is the pseudo-restricted kind (low ADC too, peak 1-4 voxels deep).
+    """
     fov = brain_soft.shape
+    restricted = low_adc > 0 and rng.random() < low_adc  # no draw at 0: earlier recipes reproduce
     x, y, z = (vox[i] / (fov[i] - 1) for i in range(3))
     loc = torch.zeros(fov, device=brain_soft.device)
     for _ in range(rng.choice([1, 1, 2, 3])):
-        if rng.random() < 0.7:
+        if restricted or rng.random() < 0.7:
             (x0, x1), (y0, y1), (z0, z1) = rng.choice(SITES)
             xc, yc, zc = rng.uniform(x0, x1), rng.uniform(y0, y1), rng.uniform(z0, z1)
         else:
@@ -54,7 +64,8 @@ def susceptibility_pileup(rng, brain_soft: torch.Tensor, vox: torch.Tensor, dwi:
             loc = torch.maximum(loc, torch.exp(-((x - xm) ** 2 + (y - yc) ** 2 + (z - zc) ** 2) / (2 * w ** 2)))
     depth = surface_depth(brain_soft)
     lam = rng.uniform(0.6, 3.0)
-    band = torch.where(depth > 0, torch.exp(-(depth - 1) / lam), torch.zeros_like(depth)) * brain_soft
+    peak = rng.uniform(1.0, 4.0) if restricted else 1.0
+    band = torch.where(depth > 0, torch.exp(-(depth - peak).abs() / lam), torch.zeros_like(depth)) * brain_soft
     band = blur((band * loc)[None, None], [rng.uniform(0.3, 1.2)] * 3)[0, 0]
     dwi.mul_(1 + band * math.exp(rng.uniform(math.log(0.4), math.log(3.5))))
-    adc.mul_(1 + band * rng.uniform(-0.3, 0.3))
+    adc.mul_(1 + band * (rng.uniform(-0.5, -0.2) if restricted else rng.uniform(-0.3, 0.3)))

@@ -80,6 +80,7 @@ def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> d
         # calibrate / choose_postprocess draw from the newest generator among the members'
         "sulci": max(float(m.get("sulci", 0.0)) for m in metas),
         "texture": max(float(m.get("texture", 0.0)) for m in metas),
+        "pileup_low_adc": max(float(m.get("pileup_low_adc", 0.0)) for m in metas),
         "members": [dict({"file": str(p), "sha256": m["sha256"]}, **{k: m[k] for k in MEMBER_FIELDS if k in m})
                     for p, m in zip(paths, metas)],
         "input": metas[0].get("input"),

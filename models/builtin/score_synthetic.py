@@ -1,7 +1,7 @@
 """Score built-in weights on held-out synthetic volumes, through the app's predictor (brain box).
 
     python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
-        [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--json scores.json]
+        [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--pileup-low-adc P] [--json scores.json]
 
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
@@ -27,12 +27,13 @@ MEAN_OF_ALL = "mean-of-all"
 
 
 def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None,
-          sulci: float = 0.0, texture: float = 0.0) -> dict:
+          sulci: float = 0.0, texture: float = 0.0, pileup_low_adc: float = 0.0) -> dict:
     """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes."""
     from .metrics import Pooled
     from .synth import SynthGenerator
 
-    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci, texture=texture)
+    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci, texture=texture,
+                                      pileup_low_adc=pileup_low_adc)
     names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
     pooled = {k: Pooled() for k in names}
     for i in range(n):
@@ -59,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--seed0", type=int, default=VAL_SEED0, help="first generator seed (default train.VAL_SEED0)")
     ap.add_argument("--sulci", type=float, default=0.0, help="generator's sulcal CSF probability (default 0)")
     ap.add_argument("--texture", type=float, default=0.0, help="generator's texture probability (default 0)")
+    ap.add_argument("--pileup-low-adc", type=float, default=0.0,
+                    help="generator's share of low-ADC pile-ups (default 0)")
     ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
     ap.add_argument("--threads", type=int, default=2)
@@ -75,7 +78,7 @@ def main(argv=None):
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress, sulci=args.sulci,
-                texture=args.texture)
+                texture=args.texture, pileup_low_adc=args.pileup_low_adc)
     print("weights\tDice\tF1\tscore\tunrounded\tTP/FP/FN")
     for k, m in out.items():
         print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['score_unrounded']:.6f}\t"
@@ -84,7 +87,7 @@ def main(argv=None):
         from .weights_file import write_json
 
         write_json(args.json, {"n": args.n, "seed0": args.seed0, "sulci": args.sulci, "texture": args.texture,
-                             "roi": args.roi, "scores": out})
+                             "pileup_low_adc": args.pileup_low_adc, "roi": args.roi, "scores": out})
     return out
 
 

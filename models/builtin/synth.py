@@ -16,7 +16,8 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
 - negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
   ADC), susceptibility pile-up (``artefacts.py``: a bright band a few mm under the brain surface at
-  the frontal, temporal or occipital poles, often bilateral), low-ADC
+  the frontal, temporal or occipital poles, often bilateral; with ``pileup_low_adc=P`` a share P of
+  them with low ADC too, the pseudo-restricted kind), low-ADC
   patches without bright trace (short-T2 tissue), plus the CSF;
 - degradation: partial-volume blur, thick slices (2.5-6 mm along a random axis, blur + down + upsampling),
   Rician noise on DWI, Gaussian noise on ADC, bias field, random DWI scale, then in half the volumes
@@ -54,10 +55,11 @@ VOXEL_MM = 2.0
 
 class SynthGenerator:
     def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold",
-                 sulci: float = 0.0, texture: float = 0.0):
+                 sulci: float = 0.0, texture: float = 0.0, pileup_low_adc: float = 0.0):
         self.device = torch.device(device)
         self.sulci = float(sulci)  # probability of sulcal CSF per volume; 0 = the generator of releases 1-4
         self.texture = float(texture)  # probability of sharp tissue edges + clinical ADC noise; 0 = releases 1-4
+        self.pileup_low_adc = float(pileup_low_adc)  # share of pile-ups with low ADC too; 0 = releases 1-4
         self.label_rule = LABEL_RULES[label_rule]
         self.fov = tuple(fov)
         d = np.load(atlas_path)
@@ -237,7 +239,7 @@ class SynthGenerator:
             dwi.mul_(1 + f * rng.uniform(0.3, 2.0))
             adc.mul_(1 + f * rng.uniform(-0.05, 0.3))
         if rng.random() < 0.6:  # susceptibility pile-up: bright band under the brain surface
-            susceptibility_pileup(rng, brain_soft, self.vox, dwi, adc)
+            susceptibility_pileup(rng, brain_soft, self.vox, dwi, adc, self.pileup_low_adc)
         if cand.shape[0] and rng.random() < 0.5:  # low ADC WITHOUT bright trace (short-T2 tissue such as
             # iron-rich deep grey nuclei, tract anisotropy): a low ADC alone is not a lesion
             f = torch.zeros(self.fov, device=self.device)
@@ -364,9 +366,10 @@ class SynthGenerator:
 
 
 def generator_for(meta: dict, device="cpu") -> SynthGenerator:
-    """The generator that weights were trained with (label rule, sulci, texture), from their sidecar ``meta``."""
+    """The generator that weights were trained with (label rule, sulci, texture, low-ADC pile-ups), from their
+    sidecar ``meta``."""
     return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"), sulci=meta.get("sulci", 0.0),
-                          texture=meta.get("texture", 0.0))
+                          texture=meta.get("texture", 0.0), pileup_low_adc=meta.get("pileup_low_adc", 0.0))
 
 
 def sharpen_tissues(gm, wm, csf, gamma: float):

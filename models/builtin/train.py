@@ -144,6 +144,9 @@ def main(argv=None):
     ap.add_argument("--texture", type=float, default=0.0,
                     help="probability of sharp tissue edges, older brains' CSF and clinical ADC noise per "
                          "synthetic volume (synth.py; default 0, releases 1-4)")
+    ap.add_argument("--pileup-low-adc", type=float, default=0.0,
+                    help="share of susceptibility pile-ups with low ADC too, the pseudo-restricted kind "
+                         "(artefacts.py; default 0, releases 1-4)")
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
     ap.add_argument("--lesion-dice-weight", type=float, default=0.0,
@@ -185,7 +188,8 @@ def main(argv=None):
     if args.norm:
         hp["norm"] = args.norm
     net = build_network(hp).to(device)
-    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci, texture=args.texture)
+    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci, texture=args.texture,
+                         pileup_low_adc=args.pileup_low_adc)
     patch = patch or gen.fov
     if args.init:
         try:  # SHA-256 against the sidecar before anything is unpickled, as for the app
@@ -337,6 +341,7 @@ def main(argv=None):
         "label_rule": args.label_rule,
         "sulci": args.sulci,
         "texture": args.texture,
+        "pileup_low_adc": args.pileup_low_adc,
         "small_lesion_weight": args.small_lesion_weight,
         "lesion_dice_weight": args.lesion_dice_weight,
         "lesion_dice_radius": args.lesion_dice_radius,
