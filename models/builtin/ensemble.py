@@ -25,6 +25,7 @@ import torch
 
 
 from .network import build_network, count_parameters
+from .synth import GENERATOR_OPTIONS
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
 # sidecar fields of each member kept in the ensemble's provenance
@@ -78,9 +79,7 @@ def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> d
         "command": command,
         "label_rule": rules.pop(),
         # calibrate / choose_postprocess draw from the newest generator among the members'
-        "sulci": max(float(m.get("sulci", 0.0)) for m in metas),
-        "texture": max(float(m.get("texture", 0.0)) for m in metas),
-        "pileup_low_adc": max(float(m.get("pileup_low_adc", 0.0)) for m in metas),
+        **{k: max(float(m.get(k, 0.0)) for m in metas) for k in GENERATOR_OPTIONS},
         "members": [dict({"file": str(p), "sha256": m["sha256"]}, **{k: m[k] for k in MEMBER_FIELDS if k in m})
                     for p, m in zip(paths, metas)],
         "input": metas[0].get("input"),

@@ -49,6 +49,9 @@ from .transforms import normalize_channels_torch
 HERE = Path(__file__).resolve().parent
 ATLAS = HERE / "atlas" / "mni152_tissue_1p5mm.npz"
 SHAPES = HERE / "shapes"
+# the generator's optional shares (per volume or per artefact), 0 = the generator of releases 1-4; sidecars
+# record them, and ``generator_for`` rebuilds the generator from them
+GENERATOR_OPTIONS = ("sulci", "texture", "pileup_low_adc")
 FOV = (88, 104, 88)  # 176 x 208 x 176 mm at 2 mm
 VOXEL_MM = 2.0
 
@@ -368,8 +371,8 @@ class SynthGenerator:
 def generator_for(meta: dict, device="cpu") -> SynthGenerator:
     """The generator that weights were trained with (label rule, sulci, texture, low-ADC pile-ups), from their
     sidecar ``meta``."""
-    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"), sulci=meta.get("sulci", 0.0),
-                          texture=meta.get("texture", 0.0), pileup_low_adc=meta.get("pileup_low_adc", 0.0))
+    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"),
+                          **{k: meta.get(k, 0.0) for k in GENERATOR_OPTIONS})
 
 
 def sharpen_tissues(gm, wm, csf, gamma: float):

@@ -35,7 +35,7 @@ import torch
 
 from .loss import LesionWeightedDiceCE
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
-from .synth import SynthGenerator
+from .synth import GENERATOR_OPTIONS, SynthGenerator
 from .transforms import random_crop
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
@@ -188,8 +188,7 @@ def main(argv=None):
     if args.norm:
         hp["norm"] = args.norm
     net = build_network(hp).to(device)
-    gen = SynthGenerator(device, label_rule=args.label_rule, sulci=args.sulci, texture=args.texture,
-                         pileup_low_adc=args.pileup_low_adc)
+    gen = SynthGenerator(device, label_rule=args.label_rule, **{k: getattr(args, k) for k in GENERATOR_OPTIONS})
     patch = patch or gen.fov
     if args.init:
         try:  # SHA-256 against the sidecar before anything is unpickled, as for the app
@@ -339,9 +338,7 @@ def main(argv=None):
         "val_seeds": [args.val_seed0, args.val_seed0 + args.val_n - 1] if args.val_every else None,
         "selection": args.select,
         "label_rule": args.label_rule,
-        "sulci": args.sulci,
-        "texture": args.texture,
-        "pileup_low_adc": args.pileup_low_adc,
+        **{k: getattr(args, k) for k in GENERATOR_OPTIONS},
         "small_lesion_weight": args.small_lesion_weight,
         "lesion_dice_weight": args.lesion_dice_weight,
         "lesion_dice_radius": args.lesion_dice_radius,
