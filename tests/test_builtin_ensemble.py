@@ -115,9 +115,10 @@ def test_soup_keeps_the_newest_generator_for_calibration(tmp_path, monkeypatch):
     import models.builtin.synth as S
 
     meta = E.join([_member(tmp_path / "a", 0, texture=0.5), _member(tmp_path / "b", 1, sulci=0.7,
-                                                                    pileup_low_adc=0.4)],
+                                                                    pileup_low_adc=0.4, cortical=0.2)],
                   tmp_path / "soup", average=True)
     assert meta["sulci"] == 0.7 and meta["texture"] == 0.5 and meta["pileup_low_adc"] == 0.4
+    assert meta["cortical"] == 0.2
     made, real = [], S.SynthGenerator
 
     def gen(device, **kw):
@@ -126,4 +127,4 @@ def test_soup_keeps_the_newest_generator_for_calibration(tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "SynthGenerator", gen)
     C.calibrate(tmp_path / "soup" / "builtin_v1.pt", n=1)
-    assert made == [{"label_rule": "visible", "sulci": 0.7, "texture": 0.5, "pileup_low_adc": 0.4}]
+    assert made == [{"label_rule": "visible", "sulci": 0.7, "texture": 0.5, "pileup_low_adc": 0.4, "cortical": 0.2}]

@@ -163,24 +163,25 @@ def test_training_smoke_with_resume(tmp_path, monkeypatch):
 
 
 def test_training_release3_options(tmp_path, monkeypatch):
-    """Visible labels, sulci, texture, low-ADC pile-ups, small-lesion weights and Dice+F1 selection reach the loop
+    """Visible labels, sulci, texture, low-ADC pile-ups, cortical lesions, small-lesion weights and Dice+F1 selection reach the loop
     and the sidecar."""
     import models.builtin.train as T
 
     made = []
 
     def gen(device, **kw):
-        made.append((kw.get("label_rule"), kw.get("sulci"), kw.get("texture"), kw.get("pileup_low_adc")))
+        made.append((kw.get("label_rule"), kw.get("sulci"), kw.get("texture"), kw.get("pileup_low_adc"),
+                     kw.get("cortical")))
         return SynthGenerator(device, fov=SMALL_FOV, **kw)
 
     monkeypatch.setattr(T, "SynthGenerator", gen)
     meta = T.main(["--out", str(tmp_path), "--batch", "1", "--device", "cpu", "--patch", "32", "32", "32",
                    "--val-every", "1", "--val-n", "2", "--steps", "2", "--label-rule", "visible",
                    "--small-lesion-weight", "4", "--select", "dice_f1", "--sulci", "0.5", "--texture", "0.3",
-                   "--pileup-low-adc", "0.25"])
-    assert made == [("visible", 0.5, 0.3, 0.25)]
+                   "--pileup-low-adc", "0.25", "--cortical", "0.4"])
+    assert made == [("visible", 0.5, 0.3, 0.25, 0.4)]
     assert meta["label_rule"] == "visible" and meta["small_lesion_weight"] == 4.0 and meta["sulci"] == 0.5
-    assert meta["texture"] == 0.3 and meta["pileup_low_adc"] == 0.25
+    assert meta["texture"] == 0.3 and meta["pileup_low_adc"] == 0.25 and meta["cortical"] == 0.4
     assert meta["selection"] == "dice_f1" and set(meta["synthetic_val"]) == {"dice", "lesion_f1"}
     assert meta["synthetic_val_dice"] == meta["synthetic_val"]["dice"]
     val = meta["synthetic_val"]

@@ -69,7 +69,7 @@ def test_cli_scores_weights_and_their_mean(tmp_path, monkeypatch, capsys):
     assert set(out) == {*paths, S.MEAN_OF_ALL}
     record = json.loads((tmp_path / "s.json").read_text())
     assert record["scores"] == out and record["sulci"] == 0.0 and record["texture"] == 0.0
-    assert record["pileup_low_adc"] == 0.0
+    assert record["pileup_low_adc"] == 0.0 and record["cortical"] == 0.0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("weights\tDice") and len(printed) == 1 + len(out)
     direct = S.score({"one": BuiltinPredictor(paths[1])}, 2, VAL_SEED0, generator=small)
@@ -77,6 +77,6 @@ def test_cli_scores_weights_and_their_mean(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         S.main(["--weights", paths[0], "--mean-of-all"])
     S.main(["--weights", paths[0], "--n", "1", "--sulci", "0.7", "--texture", "0.4",
-            "--pileup-low-adc", "0.2"])  # they reach the generator
-    assert asked == [{"label_rule": "visible", "sulci": 0.0, "texture": 0.0, "pileup_low_adc": 0.0},
-                     {"label_rule": "visible", "sulci": 0.7, "texture": 0.4, "pileup_low_adc": 0.2}]
+            "--pileup-low-adc", "0.2", "--cortical", "0.3"])  # they reach the generator
+    assert asked == [{"label_rule": "visible", "sulci": 0.0, "texture": 0.0, "pileup_low_adc": 0.0, "cortical": 0.0},
+                     {"label_rule": "visible", "sulci": 0.7, "texture": 0.4, "pileup_low_adc": 0.2, "cortical": 0.3}]

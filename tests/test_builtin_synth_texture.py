@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("monai")
 
-from models.builtin.synth import SynthGenerator, sharpen_tissues  # noqa: E402
+from models.builtin.synth import SynthGenerator  # noqa: E402
+from models.builtin.tissue import sharpen_tissues  # noqa: E402
 from models.builtin.texture_stats import figures  # noqa: E402
 
 FOV = (56, 64, 56)

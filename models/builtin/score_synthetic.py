@@ -1,12 +1,14 @@
 """Score built-in weights on held-out synthetic volumes, through the app's predictor (brain box).
 
     python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
-        [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--pileup-low-adc P] [--json scores.json]
+        [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--pileup-low-adc P] [--cortical P]
+        [--json scores.json]
 
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
-``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible", sulci=P, texture=Q)``
-``.sample_one(seed0 + i)`` (``--sulci``, ``--texture``, default 0: the generator of releases 1-4),
+``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible", **options)``
+``.sample_one(seed0 + i)`` (options ``--sulci``, ``--texture``, ``--pileup-low-adc``, ``--cortical``, default 0:
+the generator of releases 1-4),
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
 (``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).
@@ -27,13 +29,13 @@ MEAN_OF_ALL = "mean-of-all"
 
 
 def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None,
-          sulci: float = 0.0, texture: float = 0.0, pileup_low_adc: float = 0.0) -> dict:
-    """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes."""
+          **options) -> dict:
+    """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes of
+    ``generator`` or of ``SynthGenerator`` with ``options`` (``synth.GENERATOR_OPTIONS``, default all 0)."""
     from .metrics import Pooled
     from .synth import SynthGenerator
 
-    gen = generator or SynthGenerator("cpu", label_rule="visible", sulci=sulci, texture=texture,
-                                      pileup_low_adc=pileup_low_adc)
+    gen = generator or SynthGenerator("cpu", label_rule="visible", **options)
     names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
     pooled = {k: Pooled() for k in names}
     for i in range(n):
@@ -52,6 +54,7 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
 
 def main(argv=None):
     from .predictor import BuiltinPredictor
+    from .synth import GENERATOR_OPTIONS
     from .train import VAL_SEED0
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--texture", type=float, default=0.0, help="generator's texture probability (default 0)")
     ap.add_argument("--pileup-low-adc", type=float, default=0.0,
                     help="generator's share of low-ADC pile-ups (default 0)")
+    ap.add_argument("--cortical", type=float, default=0.0,
+                    help="generator's share of volumes with cortical lesions (default 0)")
     ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
     ap.add_argument("--threads", type=int, default=2)
@@ -77,8 +82,8 @@ def main(argv=None):
         if done % 16 == 0 or done == args.n:
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
-    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress, sulci=args.sulci,
-                texture=args.texture, pileup_low_adc=args.pileup_low_adc)
+    options = {k: getattr(args, k) for k in GENERATOR_OPTIONS}
+    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress, **options)
     print("weights\tDice\tF1\tscore\tunrounded\tTP/FP/FN")
     for k, m in out.items():
         print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['score_unrounded']:.6f}\t"
@@ -86,8 +91,7 @@ def main(argv=None):
     if args.json:
         from .weights_file import write_json
 
-        write_json(args.json, {"n": args.n, "seed0": args.seed0, "sulci": args.sulci, "texture": args.texture,
-                             "pileup_low_adc": args.pileup_low_adc, "roi": args.roi, "scores": out})
+        write_json(args.json, {"n": args.n, "seed0": args.seed0, **options, "roi": args.roi, "scores": out})
     return out
 
 

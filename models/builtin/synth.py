@@ -13,7 +13,9 @@ separable ``conv3d`` for blurs), on a 2 mm RAS grid of ``FOV`` voxels (whole bra
   1e-3 mm2/s (WM ~0.7, GM ~0.85, CSF ~2.2-3.3), all randomised, with smooth texture;
 - lesions: expert ISLES'22 shapes (``shapes/``; flipped, axis-permuted, scaled), smooth irregular blobs
   and clusters of tiny emboli, from one 2 mm voxel to territorial (> 50 ml), bright on DWI and dark on
-  ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none;
+  ADC with varied contrast, heterogeneity and edge sharpness; ~12 % of volumes have none; with
+  ``cortical=P`` (off by default, as for releases 1-5) a share P of volumes have their lesions centred
+  in the cortical ribbon, kept down to 30 % tissue share (``cortical_support``) instead of 60 %;
 - negatives (not labelled): T2 shine-through / chronic lesions (bright or dark DWI with normal or high
   ADC), susceptibility pile-up (``artefacts.py``: a bright band a few mm under the brain surface at
   the frontal, temporal or occipital poles, often bilateral; with ``pileup_low_adc=P`` a share P of
@@ -44,6 +46,7 @@ from .artefacts import susceptibility_pileup
 from .fields import blur, smooth_noise
 from .labels import LABEL_RULES
 from .sulci import carve_sulci
+from .tissue import cortical_ribbon, cortical_support, infratentorial, sharpen_tissues
 from .transforms import normalize_channels_torch
 
 HERE = Path(__file__).resolve().parent
@@ -51,18 +54,19 @@ ATLAS = HERE / "atlas" / "mni152_tissue_1p5mm.npz"
 SHAPES = HERE / "shapes"
 # the generator's optional shares (per volume or per artefact), 0 = the generator of releases 1-4; sidecars
 # record them, and ``generator_for`` rebuilds the generator from them
-GENERATOR_OPTIONS = ("sulci", "texture", "pileup_low_adc")
+GENERATOR_OPTIONS = ("sulci", "texture", "pileup_low_adc", "cortical")
 FOV = (88, 104, 88)  # 176 x 208 x 176 mm at 2 mm
 VOXEL_MM = 2.0
 
 
 class SynthGenerator:
     def __init__(self, device="cpu", fov=FOV, atlas_path=ATLAS, shapes_dir=SHAPES, label_rule="threshold",
-                 sulci: float = 0.0, texture: float = 0.0, pileup_low_adc: float = 0.0):
+                 sulci: float = 0.0, texture: float = 0.0, pileup_low_adc: float = 0.0, cortical: float = 0.0):
         self.device = torch.device(device)
         self.sulci = float(sulci)  # probability of sulcal CSF per volume; 0 = the generator of releases 1-4
         self.texture = float(texture)  # probability of sharp tissue edges + clinical ADC noise; 0 = releases 1-4
         self.pileup_low_adc = float(pileup_low_adc)  # share of pile-ups with low ADC too; 0 = releases 1-4
+        self.cortical = float(cortical)  # share of volumes with lesions in the cortical ribbon; 0 = releases 1-5
         self.label_rule = LABEL_RULES[label_rule]
         self.fov = tuple(fov)
         d = np.load(atlas_path)
@@ -296,7 +300,12 @@ class SynthGenerator:
             adc_t = adc_t * (1 - infra * rng.uniform(0.0, 0.15))
 
         # lesions (in parenchyma only; CSF keeps its signal)
-        les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)
+        cortical = self.cortical > 0 and rng.random() < self.cortical  # no draw at 0: releases 1-5 reproduce
+        if cortical:
+            ribbon = cortical_ribbon(gm, wm, csf)
+            les = self._lesions(rng, gen, ribbon if ribbon.shape[0] else cand) * cortical_support(paren)
+        else:
+            les = self._lesions(rng, gen, cand) * torch.clamp(paren * 2.5 - 1.5, 0, 1)
         fd = 1.0
         if float(les.max()) > 0:
             het = 1 + smooth_noise(gen, self.fov, (10, 12, 10), 2, dev)[0] * rng.uniform(0.0, 0.25)
@@ -373,24 +382,6 @@ def generator_for(meta: dict, device="cpu") -> SynthGenerator:
     sidecar ``meta``."""
     return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"),
                           **{k: meta.get(k, 0.0) for k in GENERATOR_OPTIONS})
-
-
-def sharpen_tissues(gm, wm, csf, gamma: float):
-    """Individual-like tissue edges from the population template's soft probabilities: each voxel's
-    tissue shares are raised to the power ``gamma`` and renormalised; the brain support is kept."""
-    stack = torch.stack([gm, wm, csf])
-    support = stack.sum(0)
-    powered = torch.clamp(stack / torch.clamp(support, min=1e-6), 0, 1) ** gamma
-    shares = powered / torch.clamp(powered.sum(0), min=1e-6)
-    return tuple(shares * support)
-
-
-def infratentorial(mni: torch.Tensor) -> torch.Tensor:
-    """Soft posterior-fossa map (cerebellum + pons/medulla) from MNI mm coordinates (..., 3)."""
-    x, y, z = mni[..., 0], mni[..., 1], mni[..., 2]
-    cerebellum = torch.sigmoid((-18 - z) / 2.5) * torch.sigmoid((-42 - y) / 3)
-    stem = torch.sigmoid((-12 - z) / 2.5) * torch.sigmoid((14 - x.abs()) / 2) * torch.sigmoid((-12 - y) / 3)
-    return torch.maximum(cerebellum, stem)
 
 
 def _rot(ang):

@@ -147,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--pileup-low-adc", type=float, default=0.0,
                     help="share of susceptibility pile-ups with low ADC too, the pseudo-restricted kind "
                          "(artefacts.py; default 0, releases 1-4)")
+    ap.add_argument("--cortical", type=float, default=0.0,
+                    help="share of synthetic volumes with their lesions in the cortical ribbon, kept down to 30 %% "
+                         "tissue share (synth.py, tissue.py; default 0, releases 1-5)")
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
     ap.add_argument("--lesion-dice-weight", type=float, default=0.0,
