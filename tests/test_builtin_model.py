@@ -163,8 +163,8 @@ def test_training_smoke_with_resume(tmp_path, monkeypatch):
 
 
 def test_training_release3_options(tmp_path, monkeypatch):
-    """Visible labels, sulci, texture, low-ADC pile-ups, cortical lesions, small-lesion weights and Dice+F1 selection reach the loop
-    and the sidecar."""
+    """Visible labels, the generator options (sulci, texture, low-ADC pile-ups, cortical lesions), small-lesion
+    weights and Dice+F1 selection reach the loop and the sidecar."""
     import models.builtin.train as T
 
     made = []

@@ -17,7 +17,8 @@ Measured with the shipped weights (release 5, sha256 9c6e3418..., brain-box infe
 >= 0.5, no post-processing; Dice / lesion F1 / TP / FP / predicted ml): native 0.47 / 0.35 / 6 / 10 /
 2.0; head 0.55 / 0.33 / 5 / 7 / 2.1; oblique 0.32 / 0.28 / 4 / 7 / 2.0; thick 0.37 / 0.27 / 3 / 1 /
 1.1 (release 4: native 0.42 / 0.30 / 6 / 16 / 3.1; head 0.49 / 0.24 / 4 / 11 / 2.8; oblique 0.30 /
-0.30 / 4 / 5 / 2.4; thick 0.34 / 0.26 / 3 / 2 / 1.1). The expert mask itself, sent through the same transform and back, scores 0.81 / 0.36 (thick) and
+0.30 / 4 / 5 / 2.4; thick 0.34 / 0.26 / 3 / 2 / 1.1). The expert mask itself, sent through the same
+transform and back, scores 0.81 / 0.36 (thick) and
 0.93 / 0.88 (oblique). On resampled inputs the model keeps most of its Dice but finds fewer of the
 small lesions. These tests guard what it does keep: the main lesions found, Dice at least
 ``DICE_RATIO`` of the native one, lesion F1 within ``F1_MARGIN`` of the native one or at least

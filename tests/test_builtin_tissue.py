@@ -13,7 +13,6 @@ from models.builtin.synth import SynthGenerator  # noqa: E402
 from models.builtin.tissue import cortical_ribbon, cortical_support  # noqa: E402
 
 FOV = (56, 64, 56)
-SEEDS = (900004000, 900004001, 900004002)
 # (DWI sum, ADC sum, label sum) of sample_one(seed) with pileup_low_adc=0.5, recorded from the generator at
 # 3b8cae1, before the cortical option existed
 BEFORE_CORTICAL = {900004000: (141936.7086289525, 142009.0032082498, 1793.0),

@@ -54,19 +54,14 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
 
 def main(argv=None):
     from .predictor import BuiltinPredictor
-    from .synth import GENERATOR_OPTIONS
+    from .synth import GENERATOR_OPTIONS, add_generator_arguments
     from .train import VAL_SEED0
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
     ap.add_argument("--n", type=int, default=64, help="synthetic volumes (default 64)")
     ap.add_argument("--seed0", type=int, default=VAL_SEED0, help="first generator seed (default train.VAL_SEED0)")
-    ap.add_argument("--sulci", type=float, default=0.0, help="generator's sulcal CSF probability (default 0)")
-    ap.add_argument("--texture", type=float, default=0.0, help="generator's texture probability (default 0)")
-    ap.add_argument("--pileup-low-adc", type=float, default=0.0,
-                    help="generator's share of low-ADC pile-ups (default 0)")
-    ap.add_argument("--cortical", type=float, default=0.0,
-                    help="generator's share of volumes with cortical lesions (default 0)")
+    add_generator_arguments(ap)
     ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
     ap.add_argument("--threads", type=int, default=2)

@@ -52,9 +52,13 @@ from .transforms import normalize_channels_torch
 HERE = Path(__file__).resolve().parent
 ATLAS = HERE / "atlas" / "mni152_tissue_1p5mm.npz"
 SHAPES = HERE / "shapes"
-# the generator's optional shares (per volume or per artefact), 0 = the generator of releases 1-4; sidecars
-# record them, and ``generator_for`` rebuilds the generator from them
-GENERATOR_OPTIONS = ("sulci", "texture", "pileup_low_adc", "cortical")
+# optional shares (0 = releases 1-4): in sidecars, read by generator_for, flags from add_generator_arguments
+GENERATOR_OPTIONS = {
+    "sulci": "probability of sulcal CSF per volume (sulci.py)",
+    "texture": "probability of sharp tissue edges, older brains' CSF and clinical ADC noise per volume",
+    "pileup_low_adc": "share of susceptibility pile-ups with low ADC too, the pseudo-restricted kind (artefacts.py)",
+    "cortical": "share of volumes with lesions in the cortical ribbon, down to 30 %% tissue (tissue.py)",
+}
 FOV = (88, 104, 88)  # 176 x 208 x 176 mm at 2 mm
 VOXEL_MM = 2.0
 
@@ -290,7 +294,6 @@ class SynthGenerator:
         d_wm, d_gm, d_csf = 1.0, rng.uniform(1.05, 1.7), rng.uniform(0.1, 0.45)
         a_wm = rng.uniform(0.55, 0.8)
         a_gm, a_csf = a_wm + rng.uniform(0.0, 0.22), rng.uniform(2.2, 3.3)
-        paren = gm + wm
         tex = smooth_noise(gen, self.fov, (12, 14, 12), 2, dev)[0]
         dwi_t = (gm * d_gm + wm * d_wm) * torch.exp(tex[0] * rng.uniform(0.0, 0.15))
         adc_t = (gm * a_gm + wm * a_wm) * torch.exp(tex[1] * rng.uniform(0.0, 0.06))
@@ -377,8 +380,14 @@ class SynthGenerator:
         return torch.stack(xs), torch.stack(ys)
 
 
+def add_generator_arguments(ap) -> None:
+    """One ``--name`` flag per generator option (argparse; default 0, the generator of releases 1-4)."""
+    for name, text in GENERATOR_OPTIONS.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=0.0, help=text + "; default 0")
+
+
 def generator_for(meta: dict, device="cpu") -> SynthGenerator:
-    """The generator that weights were trained with (label rule, sulci, texture, low-ADC pile-ups), from their
+    """The generator that weights were trained with (label rule and ``GENERATOR_OPTIONS``), from their
     sidecar ``meta``."""
     return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"),
                           **{k: meta.get(k, 0.0) for k in GENERATOR_OPTIONS})

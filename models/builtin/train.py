@@ -35,7 +35,7 @@ import torch
 
 from .loss import LesionWeightedDiceCE
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
-from .synth import GENERATOR_OPTIONS, SynthGenerator
+from .synth import GENERATOR_OPTIONS, SynthGenerator, add_generator_arguments
 from .transforms import random_crop
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
@@ -139,17 +139,7 @@ def main(argv=None):
     ap.add_argument("--real-fraction", type=float, default=0.25, help="with --real-data: share of real crops")
     ap.add_argument("--label-rule", default="threshold", choices=["threshold", "visible"],
                     help="generator labels (models/builtin/labels.py)")
-    ap.add_argument("--sulci", type=float, default=0.0,
-                    help="probability of sulcal CSF per synthetic volume (sulci.py; default 0, releases 1-4)")
-    ap.add_argument("--texture", type=float, default=0.0,
-                    help="probability of sharp tissue edges, older brains' CSF and clinical ADC noise per "
-                         "synthetic volume (synth.py; default 0, releases 1-4)")
-    ap.add_argument("--pileup-low-adc", type=float, default=0.0,
-                    help="share of susceptibility pile-ups with low ADC too, the pseudo-restricted kind "
-                         "(artefacts.py; default 0, releases 1-4)")
-    ap.add_argument("--cortical", type=float, default=0.0,
-                    help="share of synthetic volumes with their lesions in the cortical ribbon, kept down to 30 %% "
-                         "tissue share (synth.py, tissue.py; default 0, releases 1-5)")
+    add_generator_arguments(ap)
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
                     help="max cross-entropy weight of small lesions (models/builtin/loss.py); 1 = off")
     ap.add_argument("--lesion-dice-weight", type=float, default=0.0,
