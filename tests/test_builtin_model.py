@@ -363,3 +363,18 @@ def test_real_cases_crops_and_training_mix(tmp_path, monkeypatch):
     T.main(common + ["--out", str(tmp_path / "c")])
     sha = [json.loads((tmp_path / d / "builtin_v1.json").read_text())["sha256"] for d in "abc"]
     assert sha[0] == sha[1] != sha[2]  # deterministic; the real crops changed what was learnt
+
+
+def test_predictor_overlap_from_sidecar(tmp_path):
+    w = _write_weights(tmp_path)
+    assert P.BuiltinPredictor(w).inferer.overlap == P.OVERLAP == 0.25  # none recorded: releases 1-5
+    meta = json.loads((tmp_path / "w.json").read_text())
+    (tmp_path / "w.json").write_text(json.dumps(dict(meta, overlap=0.5)))
+    recorded = P.BuiltinPredictor(w, roi=(32, 32, 32))
+    assert recorded.overlap == 0.5 and P.BuiltinPredictor(w, overlap=0.75).overlap == 0.75
+    d, a = _synthetic_images(shape=(60, 60, 40))
+    quarter = P.BuiltinPredictor(w, roi=(32, 32, 32), overlap=0.25)
+    assert not np.array_equal(recorded.predict(d, a), quarter.predict(d, a))  # more windows, other blend
+    (tmp_path / "w.json").write_text(json.dumps(dict(meta, overlap=1.0)))
+    with pytest.raises(P.WeightsIntegrityError, match="overlap"):
+        P.BuiltinPredictor(w)

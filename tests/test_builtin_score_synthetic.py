@@ -80,3 +80,6 @@ def test_cli_scores_weights_and_their_mean(tmp_path, monkeypatch, capsys):
             "--pileup-low-adc", "0.2", "--cortical", "0.3"])  # they reach the generator
     assert asked == [{"label_rule": "visible", "sulci": 0.0, "texture": 0.0, "pileup_low_adc": 0.0, "cortical": 0.0},
                      {"label_rule": "visible", "sulci": 0.7, "texture": 0.4, "pileup_low_adc": 0.2, "cortical": 0.3}]
+    both = S.main(["--weights", paths[0], "--n", "2", "--overlap", "0.25", "0.5"])  # one row per overlap
+    assert set(both) == {f"{paths[0]}@overlap=0.25", f"{paths[0]}@overlap=0.5"}
+    assert both[f"{paths[0]}@overlap=0.25"] == out[paths[0]]  # 0.25 = the sidecar's default

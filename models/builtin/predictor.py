@@ -13,8 +13,8 @@ array on that same grid:
    result (instance norm over each window depends on how much background it holds: the same case
    zero-padded by 10 voxels lost 4 of 7 found lesions before this step);
    MONAI ``SlidingWindowInferer`` on that box (roi = the training patch from the sidecar, else 96x112x96;
-   overlap 0.25, gaussian blending), ``sigmoid(logit / T)`` with the sidecar's calibration
-   temperature ``T`` (``calibrate.py``; 1 when absent), optional left-right flip TTA (mean of the
+   overlap = the sidecar's ``"overlap"``, else 0.25; gaussian blending), ``sigmoid(logit / T)`` with the
+   sidecar's calibration temperature ``T`` (``calibrate.py``; 1 when absent), optional left-right flip TTA (mean of the
    probabilities);
 3. back to the input grid (exact inverse of the axis permutation, or trilinear resampling).
 
@@ -38,6 +38,7 @@ from .weights_file import WeightsIntegrityError, read_verified  # noqa: F401 (re
 HERE = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = HERE / "weights" / "builtin_v1.pt"
 ROI = (96, 112, 96)
+OVERLAP = 0.25  # sliding-window overlap when the sidecar records none (releases 1-5)
 # margin around the brain's box on the model grid: the median brain-to-edge margin of generated training
 # volumes (synth.FOV around the warped atlas brain; 11, 11-12, 9.5-11 voxels per axis over 24 volumes)
 BRAIN_MARGIN_VOX = 11
@@ -115,13 +116,12 @@ class _Grid:
 
 
 class BuiltinPredictor:
-    def __init__(self, weights=None, device="cpu", tta=False, roi=None, overlap=0.25, _state=None, _hparams=None,
+    def __init__(self, weights=None, device="cpu", tta=False, roi=None, overlap=None, _state=None, _hparams=None,
                  brain_margin=BRAIN_MARGIN_VOX):
         self.device = torch.device(device)
         self.brain_margin = brain_margin  # None: the whole model grid (before the brain box; for comparisons)
         self.tta = bool(tta)
         meta = {}
-        self.overlap = float(overlap)
         if _state is not None:
             self.weights = None
             self.hparams = dict(DEFAULT_HPARAMS, **(_hparams or {}))
@@ -144,6 +144,10 @@ class BuiltinPredictor:
         self.recommended_grow_low = float(post["grow_low"]) if post.get("grow_lesions") else None
         # sliding-window size: the training patch (instance-norm statistics as in training) unless given
         self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
+        # sliding-window overlap: given, else the one recorded with the weights, else MONAI's 0.25
+        self.overlap = float(overlap if overlap is not None else meta.get("overlap", OVERLAP))
+        if not (0.0 <= self.overlap < 1.0):
+            raise WeightsIntegrityError(f"{self.weights}: sliding-window overlap {self.overlap} not in [0, 1)")
         self.net = build_network(self.hparams)
         self.net.load_state_dict(state)
         self.net.to(self.device).eval()

@@ -2,7 +2,7 @@
 
     python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
         [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--pileup-low-adc P] [--cortical P]
-        [--json scores.json]
+        [--overlap O [O ...]] [--json scores.json]
 
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
@@ -13,7 +13,8 @@ the generator of releases 1-4),
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
 (``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).
 ``--mean-of-all`` adds the logit mean of all the weights (what ``ensemble.py`` would ship). ``--roi`` forces
-one window size for all (else each sidecar's patch).
+one window size for all (else each sidecar's patch); ``--overlap`` one sliding-window overlap for all (else
+each sidecar's, 0.25 when it has none), or several, each scored as its own row (``<weights>@overlap=<O>``).
 Deterministic: the same weights and seeds give the same figures.
 """
 
@@ -63,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--seed0", type=int, default=VAL_SEED0, help="first generator seed (default train.VAL_SEED0)")
     add_generator_arguments(ap)
     ap.add_argument("--roi", nargs=3, type=int, default=None, help="one window size for all weights")
+    ap.add_argument("--overlap", nargs="+", type=float, default=None,
+                    help="sliding-window overlap(s) for all weights (default: each sidecar's); several: each is scored")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -70,7 +73,9 @@ def main(argv=None):
     if args.mean_of_all and len(args.weights) < 2:
         ap.error("--mean-of-all needs at least two weights files")
     torch.set_num_threads(args.threads)
-    preds = {w: BuiltinPredictor(w, roi=args.roi) for w in args.weights}
+    overlaps = args.overlap or [None]
+    preds = {(w if len(overlaps) == 1 else f"{w}@overlap={o:g}"): BuiltinPredictor(w, roi=args.roi, overlap=o)
+             for w in args.weights for o in overlaps}
     t0 = time.time()
 
     def progress(done):
@@ -86,7 +91,8 @@ def main(argv=None):
     if args.json:
         from .weights_file import write_json
 
-        write_json(args.json, {"n": args.n, "seed0": args.seed0, **options, "roi": args.roi, "scores": out})
+        write_json(args.json, {"n": args.n, "seed0": args.seed0, **options, "roi": args.roi, "overlap": args.overlap,
+                               "scores": out})
     return out
 
 
