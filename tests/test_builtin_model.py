@@ -378,3 +378,6 @@ def test_predictor_overlap_from_sidecar(tmp_path):
     (tmp_path / "w.json").write_text(json.dumps(dict(meta, overlap=1.0)))
     with pytest.raises(P.WeightsIntegrityError, match="overlap"):
         P.BuiltinPredictor(w)
+    (tmp_path / "w.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="overlap"):  # a bad argument
+        P.BuiltinPredictor(w, overlap=1.0)

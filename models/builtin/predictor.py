@@ -14,8 +14,8 @@ array on that same grid:
    zero-padded by 10 voxels lost 4 of 7 found lesions before this step);
    MONAI ``SlidingWindowInferer`` on that box (roi = the training patch from the sidecar, else 96x112x96;
    overlap = the sidecar's ``"overlap"``, else 0.25; gaussian blending), ``sigmoid(logit / T)`` with the
-   sidecar's calibration temperature ``T`` (``calibrate.py``; 1 when absent), optional left-right flip TTA (mean of the
-   probabilities);
+   sidecar's calibration temperature ``T`` (``calibrate.py``; 1 when absent), optional left-right flip
+   TTA (mean of the probabilities);
 3. back to the input grid (exact inverse of the axis permutation, or trilinear resampling).
 
 The weights are verified against the SHA-256 in their JSON sidecar *before* ``torch.load(...,
@@ -144,10 +144,13 @@ class BuiltinPredictor:
         self.recommended_grow_low = float(post["grow_low"]) if post.get("grow_lesions") else None
         # sliding-window size: the training patch (instance-norm statistics as in training) unless given
         self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
-        # sliding-window overlap: given, else the one recorded with the weights, else MONAI's 0.25
-        self.overlap = float(overlap if overlap is not None else meta.get("overlap", OVERLAP))
+        # sliding-window overlap: given, else the one recorded with the weights, else 0.25
+        recorded = float(meta.get("overlap", OVERLAP))
+        if not (0.0 <= recorded < 1.0):
+            raise WeightsIntegrityError(f"{self.weights}: sidecar sliding-window overlap {recorded} not in [0, 1)")
+        self.overlap = float(overlap) if overlap is not None else recorded
         if not (0.0 <= self.overlap < 1.0):
-            raise WeightsIntegrityError(f"{self.weights}: sliding-window overlap {self.overlap} not in [0, 1)")
+            raise ValueError(f"sliding-window overlap {self.overlap} not in [0, 1)")
         self.net = build_network(self.hparams)
         self.net.load_state_dict(state)
         self.net.to(self.device).eval()
