@@ -109,6 +109,17 @@ def test_average_is_one_network_with_the_mean_parameters(tmp_path):
     assert not isinstance(BuiltinPredictor(tmp_path / "soup" / "builtin_v1.pt").net, LogitMean)
 
 
+def test_window_is_the_members_training_patch(tmp_path):
+    a, b = _member(tmp_path / "a", 0), _member(tmp_path / "b", 1)  # both trained on 32^3 patches
+    assert E.join([a, b], tmp_path / "soup", average=True)["patch"] == [32, 32, 32]
+    assert BuiltinPredictor(tmp_path / "soup" / "builtin_v1.pt").roi == (32, 32, 32)
+    assert E.join([a, b], tmp_path / "given", patch=(48, 48, 48))["patch"] == [48, 48, 48]
+    c = _member(tmp_path / "c", 2, patch=[40, 40, 40])
+    with pytest.raises(E.EnsembleError, match="different patches .*32x32x32, 40x40x40.*give --patch"):
+        E.join([a, c], tmp_path / "mixed")
+    assert E.join([a, c], tmp_path / "mixed2", patch=(40, 40, 40))["patch"] == [40, 40, 40]
+
+
 def test_soup_keeps_the_newest_generator_for_calibration(tmp_path, monkeypatch):
     """A member trained with sulci: the soup records it, and calibrate draws from that generator."""
     import models.builtin.calibrate as C

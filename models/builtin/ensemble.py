@@ -8,7 +8,9 @@ Each member's SHA-256 is checked against its JSON sidecar before it is read (``w
 members must share the same hyper-parameters and label rule. The output ``E/builtin_v1.pt`` holds the
 members' tensors under ``members.<i>.`` (``network.LogitMean``, ``"ensemble": n`` in the sidecar's
 hyper-parameters) or, with ``--average``, the mean of each tensor (computed in float64, stored in the
-members' dtype). Its sidecar records the sliding-window patch the app uses (``--patch``, default 64^3),
+members' dtype). Its sidecar records the sliding-window patch the app uses (``--patch``; by default the
+members' common training patch, 64^3 where a sidecar records none; members of different patches need
+``--patch``),
 the members' label rule (``calibrate.py`` and ``choose_postprocess.py`` generate labels by it), each
 member's SHA-256 and provenance (command, steps, torch) and the file's own SHA-256. Calibration and the
 post-processing choice are then made on the result as for single weights. Same members in the same
@@ -29,6 +31,7 @@ from .synth import GENERATOR_OPTIONS
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
 # sidecar fields of each member kept in the ensemble's provenance
+DEFAULT_PATCH = (64, 64, 64)  # sliding window of weights whose sidecar records no training patch
 MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
                  "train_minutes", "release")
 
@@ -48,7 +51,16 @@ def read_member(path: Path) -> tuple[dict, dict]:
     return meta, state
 
 
-def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> dict:
+def common_patch(metas) -> tuple[int, int, int]:
+    """The training patch all members share (64^3 where a sidecar records none, as for release 1)."""
+    patches = {tuple(int(s) for s in (m.get("patch") or DEFAULT_PATCH)) for m in metas}
+    if len(patches) > 1:
+        raise EnsembleError("members were trained with different patches "
+                            f"({', '.join('x'.join(map(str, p)) for p in sorted(patches))}); give --patch")
+    return patches.pop()
+
+
+def join(members, out_dir, patch=None, command=None, average=False) -> dict:
     """Write ``out_dir/builtin_v1.pt`` and its sidecar; return the sidecar."""
     paths = [Path(m) for m in members]
     if len(paths) < 2:
@@ -61,6 +73,7 @@ def join(members, out_dir, patch=(64, 64, 64), command=None, average=False) -> d
     rules = {m.get("label_rule", "threshold") for m in metas}  # calibrate / choose_postprocess read it
     if len(rules) > 1:
         raise EnsembleError(f"members were trained with different label rules ({', '.join(sorted(rules))})")
+    patch = common_patch(metas) if patch is None else patch
     if average:
         hparams = dict(hp)
         net = build_network(hparams)
@@ -96,7 +109,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--members", nargs="+", required=True, help="built-in weights files (each with its sidecar)")
     ap.add_argument("--out", required=True, help="output folder (builtin_v1.pt and builtin_v1.json)")
-    ap.add_argument("--patch", nargs=3, type=int, default=[64, 64, 64], help="sliding-window size (default 64^3)")
+    ap.add_argument("--patch", nargs=3, type=int, default=None,
+                    help="sliding-window size (default: the members' common training patch)")
     ap.add_argument("--average", action="store_true",
                     help="one network with the mean of the members' parameters instead of a logit-mean ensemble")
     args = ap.parse_args(argv)
