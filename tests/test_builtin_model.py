@@ -291,8 +291,9 @@ def test_shipped_model_finds_lesion_on_real_sample():
     assert m["dice"] >= DICE_FLOOR and m["tp"] >= TP_FLOOR, m
 
 
-# Measured with the shipped weights (release 5, sha256 9c6e3418..., brain-box inference): Dice 0.466,
-# 6 of 18 GT lesions found without post-processing (release 4: 0.417, 6; release 3: 0.395, 6; see MODEL_CARD.md).
+# Measured with the shipped weights (release 6, sha256 661e4653..., 80^3 windows, brain-box inference):
+# Dice 0.492, 6 of 18 GT lesions found with 4 false positives, without post-processing (release 5: 0.466,
+# 6; release 4: 0.417, 6; release 3: 0.395, 6; see MODEL_CARD.md).
 # The floors guard against regressions (broken orientation, units, weights); release 2 scored 0.408
 # with 4 lesions found, release 1 0.148 with 3.
 DICE_FLOOR = 0.30
