@@ -30,8 +30,8 @@ from .network import build_network, count_parameters
 from .synth import GENERATOR_OPTIONS
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
-# sidecar fields of each member kept in the ensemble's provenance
 DEFAULT_PATCH = (64, 64, 64)  # sliding window of weights whose sidecar records no training patch
+# sidecar fields of each member kept in the ensemble's provenance
 MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
                  "train_minutes", "release")
 
