@@ -118,6 +118,11 @@ def test_window_is_the_members_training_patch(tmp_path):
     with pytest.raises(E.EnsembleError, match="different patches .*32x32x32, 40x40x40.*give --patch"):
         E.join([a, c], tmp_path / "mixed")
     assert E.join([a, c], tmp_path / "mixed2", patch=(40, 40, 40))["patch"] == [40, 40, 40]
+    # no recorded patch: the soup runs with the window the predictor gives each member alone
+    d, e = _member(tmp_path / "d", 3, patch=None), _member(tmp_path / "e", 4, patch=None)
+    alone = BuiltinPredictor(d).roi
+    assert E.join([d, e], tmp_path / "none", average=True)["patch"] == list(alone)
+    assert BuiltinPredictor(tmp_path / "none" / "builtin_v1.pt").roi == alone
 
 
 def test_soup_keeps_the_newest_generator_for_calibration(tmp_path, monkeypatch):

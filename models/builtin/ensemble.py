@@ -9,8 +9,8 @@ members must share the same hyper-parameters and label rule. The output ``E/buil
 members' tensors under ``members.<i>.`` (``network.LogitMean``, ``"ensemble": n`` in the sidecar's
 hyper-parameters) or, with ``--average``, the mean of each tensor (computed in float64, stored in the
 members' dtype). Its sidecar records the sliding-window patch the app uses (``--patch``; by default the
-members' common training patch, 64^3 where a sidecar records none; members of different patches need
-``--patch``),
+members' common training patch, i.e. the window each member runs with alone, ``predictor.ROI`` where a
+sidecar records none; members of different patches need ``--patch``),
 the members' label rule (``calibrate.py`` and ``choose_postprocess.py`` generate labels by it), each
 member's SHA-256 and provenance (command, steps, torch) and the file's own SHA-256. Calibration and the
 post-processing choice are then made on the result as for single weights. Same members in the same
@@ -27,10 +27,10 @@ import torch
 
 
 from .network import build_network, count_parameters
+from .predictor import ROI
 from .synth import GENERATOR_OPTIONS
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
-DEFAULT_PATCH = (64, 64, 64)  # sliding window of weights whose sidecar records no training patch
 # sidecar fields of each member kept in the ensemble's provenance
 MEMBER_FIELDS = ("command", "init", "seed", "selected_step", "synthetic_val", "patch", "device", "torch",
                  "train_minutes", "release")
@@ -52,8 +52,9 @@ def read_member(path: Path) -> tuple[dict, dict]:
 
 
 def common_patch(metas) -> tuple[int, int, int]:
-    """The training patch all members share (64^3 where a sidecar records none, as for release 1)."""
-    patches = {tuple(int(s) for s in (m.get("patch") or DEFAULT_PATCH)) for m in metas}
+    """The training patch all members share: the window the predictor runs each of them with alone
+    (``predictor.ROI`` where a sidecar records none)."""
+    patches = {tuple(int(s) for s in (m.get("patch") or ROI)) for m in metas}
     if len(patches) > 1:
         raise EnsembleError("members were trained with different patches "
                             f"({', '.join('x'.join(map(str, p)) for p in sorted(patches))}); give --patch")
