@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grow each lesion into connected voxels of lower probability that are brighter "
                         "on the trace and darker on the ADC than the tissue around it (hysteresis; "
                         "auto: the model's recommendation)")
+    m.add_argument("--detect-lesions", choices=("auto", "on", "off"), default="auto",
+                   help="add faint lesions: components of lower probability, apart from the mask, that are "
+                        "brighter on the trace and darker on the ADC than the tissue around them (auto: the "
+                        "model's recommendation)")
     o = p.add_argument_group("other")
     o.add_argument("--stop-on-first-crash", action="store_true")
     o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")
@@ -158,7 +162,7 @@ def parse_config(argv) -> RunConfig:
         builtin_weights=builtin_weights,
         skull_strip=args.skull_strip,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, contrast_check=args.contrast_check,
-        grow_lesions=args.grow_lesions,
+        grow_lesions=args.grow_lesions, detect_lesions=args.detect_lesions,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
         command_line=shlex.join([APP_NAME, *argv]),

@@ -52,6 +52,7 @@ class RunConfig:
     min_lesion_ml: float | None = None  # None: the model's recommendation
     contrast_check: str = "auto"  # auto: the model's recommendation; on; off
     grow_lesions: str = "auto"  # auto: the model's recommendation; on; off
+    detect_lesions: str = "auto"  # auto: the model's recommendation; on; off
     stop_on_first_crash: bool = False
     reports_only: bool = False
     random_seed: int = 0

@@ -10,8 +10,10 @@ Post-processing is done here, the same for every member: ``mask = prob >= thresh
 (``contrast_check``; ``auto`` = the member's recommendation), components that are not brighter on the
 trace and darker on the ADC than the tissue around them (``models/contrast_filter.py``), then, when
 growth is on (``grow_lesions``; ``auto`` likewise), each kept component takes in the connected voxels
-of probability >= ``grow_low`` that pass the same contrast test (``models/grow_lesions.py``). The
-probability map is kept as the member returned it, clipped to [0, 1].
+of probability >= ``grow_low`` that pass the same contrast test (``models/grow_lesions.py``). Before
+the growth, when detection is on (``detect_lesions``; ``auto`` likewise), components of probability
+>= ``detect_low`` apart from the mask that pass the contrast test join it (``models/detect_lesions.py``).
+The probability map is kept as the member returned it, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nipype.interfaces.base import File, isdefined, traits
 from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
+from models.detect_lesions import DETECT_LOW, detect_lesions
 from models.grow_lesions import GROW_LOW, grow_lesions
 from models.postprocess import postprocess
 from nodes.base import (
@@ -132,6 +135,11 @@ class _SegmentInputSpec(DecisionInputSpec):
                                     "recommendation")
     grow_low = traits.Range(0.0, 1.0, desc="low (hysteresis) threshold of the growth; default: the "
                                            f"member's recommendation, else {GROW_LOW}")
+    detect_lesions = traits.Enum("auto", "on", "off", usedefault=True,
+                                 desc="add components of probability >= detect_low, apart from the mask, "
+                                      "that pass the contrast test; auto = the member's recommendation")
+    detect_low = traits.Range(0.0, 1.0, desc="threshold of the detection; default: the member's "
+                                             f"recommendation, else {DETECT_LOW}")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -230,6 +238,15 @@ class SegmentLesions(DecisionInterface):
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
         loaded = dict(zip(spec.inputs, (im for _, im in images)))
         n_failed = self._contrast_check(mask, check, brain, loaded)
+        detect = self.inputs.detect_lesions
+        recommended_detect = getattr(predictor, "recommended_detect_low", None)
+        if detect == "auto":
+            detect = "on" if recommended_detect is not None else "off"
+        if isdefined(self.inputs.detect_low):
+            detect_low = float(self.inputs.detect_low)
+        else:
+            detect_low = DETECT_LOW if recommended_detect is None else float(recommended_detect)
+        n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded)
         grow = self.inputs.grow_lesions
         recommended_low = getattr(predictor, "recommended_grow_low", None)
         if grow == "auto":
@@ -265,6 +282,8 @@ class SegmentLesions(DecisionInterface):
             "num_threads": threads, "tta": bool(self.inputs.tta), "seed": int(self.inputs.seed),
             "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
             "contrast_check": check, "components_failing_contrast_check": n_failed,
+            "detect_lesions": detect, "detect_low": detect_low if detect == "on" else None,
+            "components_detected": n_detected,
             "grow_lesions": grow, "grow_low": low if grow == "on" else None, "voxels_added_by_growth": n_added,
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
@@ -283,7 +302,7 @@ class SegmentLesions(DecisionInterface):
             pairs = [keys for keys in (("trace", "adc"), ("dwi_norm", "adc_norm"))
                      if all(isdefined(getattr(self.inputs, _INPUT_TRAITS[k])) for k in keys)]
             if not pairs:
-                raise UsageError("the contrast check and the lesion growth need the trace and ADC images "
+                raise UsageError("the contrast check, lesion detection and growth need the trace and ADC images "
                                  "(trace_file, adc_file)")
             loaded["contrast_pair"] = tuple(
                 np.asarray((loaded[k] if k in loaded else self._image(k)[1]).dataobj, dtype=np.float32)
@@ -301,6 +320,19 @@ class SegmentLesions(DecisionInterface):
         self.decide(f"Contrast check: {n_failed} of {len(rows)} component(s) removed (trace under "
                     f"{MIN_DWI_RATIO:g} x or ADC over {MAX_ADC_RATIO:g} x the tissue around them).")
         return n_failed
+
+    def _detect(self, mask, prob, detect, low, brain, loaded) -> int:
+        """Apply ``detect_lesions`` in place; number of components added."""
+        if detect != "on":
+            return 0
+        trace, adc = self._contrast_pair(loaded)
+        found, rows = detect_lesions(mask, prob, trace, adc, trace > 0 if brain is None else brain, low)
+        added = sum(r["kept"] for r in rows)
+        mask[...] = found
+        self.decide(f"Lesion detection: {added} of {len(rows)} component(s) of probability >= {low:g} "
+                    f"apart from the mask added (trace >= {MIN_DWI_RATIO:g} x and ADC <= "
+                    f"{MAX_ADC_RATIO:g} x the tissue around them).")
+        return added
 
     def _grow(self, mask, prob, grow, low, brain, loaded) -> int:
         """Apply ``grow_lesions`` in place; number of voxels added."""

@@ -69,6 +69,9 @@ def test_labels_split_and_options(tmp_path):
     assert parse_config([str(DEMO), str(tmp_path / "o"), "participant"]).grow_lesions == "auto"
     cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--grow-lesions", "off"])
     assert cfg.grow_lesions == "off"
+    assert parse_config([str(DEMO), str(tmp_path / "o"), "participant"]).detect_lesions == "auto"
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--detect-lesions", "on"])
+    assert cfg.detect_lesions == "on"
 
 
 def test_config_file_gives_defaults(tmp_path):

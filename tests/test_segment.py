@@ -156,37 +156,59 @@ class GrowStandIn(StandIn):
                          0.05).astype(np.float32)
 
 
-def test_grow_lesions_on_off_auto_and_low(tmp_path, inputs, standin):
+@pytest.fixture
+def grow_run(tmp_path, inputs, standin):
+    """Runs of the "growin" stand-in on the inputs plus a restricted rim touching the lesion (20 voxels,
+    probability 0.35) and a restricted patch apart from it (8 voxels, 0.35): ``run(sub, **inputs)``
+    -> (mask voxels, decisions)."""
     registry.register(registry.MemberSpec(name="growin", description="grow stand-in", official=False,
                                           factory=lambda wd, dev, opt: GrowStandIn(dev)))
-    try:
-        dwi, adc = nib.load(inputs["dwi"]).get_fdata(), nib.load(inputs["adc"]).get_fdata()
-        dwi[9, 4:9, 3:7], adc[9, 4:9, 3:7] = 1.8, 0.6        # restricted rim touching the lesion: 20
-        dwi[15:17, 2:4, 2:4], adc[15:17, 2:4, 2:4] = 1.8, 0.6  # the same, not touching: 8
-        files = {}
-        for name, data in (("dwi", dwi), ("adc", adc)):
-            files[name] = tmp_path / f"{name}g.nii.gz"
-            nib.save(nib.Nifti1Image(data.astype(np.float32), AFFINE), files[name])
+    dwi, adc = nib.load(inputs["dwi"]).get_fdata(), nib.load(inputs["adc"]).get_fdata()
+    dwi[9, 4:9, 3:7], adc[9, 4:9, 3:7] = 1.8, 0.6        # restricted rim touching the lesion: 20
+    dwi[15:17, 2:4, 2:4], adc[15:17, 2:4, 2:4] = 1.8, 0.6  # the same, not touching: 8
+    files = {}
+    for name, data in (("dwi", dwi), ("adc", adc)):
+        files[name] = tmp_path / f"{name}g.nii.gz"
+        nib.save(nib.Nifti1Image(data.astype(np.float32), AFFINE), files[name])
 
-        def run(sub, **kw):
-            node = S.SegmentLesions(member="growin", dwi_norm_file=str(files["dwi"]),
-                                    adc_norm_file=str(files["adc"]), device="cpu", **kw)
-            (tmp_path / sub).mkdir()
-            out = node.run(cwd=str(tmp_path / sub)).outputs
-            return int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()), out.decisions
+    def run(sub, **kw):
+        node = S.SegmentLesions(member="growin", dwi_norm_file=str(files["dwi"]),
+                                adc_norm_file=str(files["adc"]), device="cpu", **kw)
+        (tmp_path / sub).mkdir()
+        out = node.run(cwd=str(tmp_path / sub)).outputs
+        return int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()), out.decisions
 
-        n, dec = run("off", grow_lesions="off")
-        assert n == 101 and dec["values"]["voxels_added_by_growth"] == 0
-        n, dec = run("on", grow_lesions="on")
-        assert n == 121 and dec["values"]["voxels_added_by_growth"] == 20 and dec["values"]["grow_low"] == 0.3
-        assert any("Lesion growth: 20 voxel(s) added to 1 of 2" in i["text"] for i in dec["items"])
-        n, dec = run("auto")  # the stand-in recommends nothing: off
-        assert n == 101 and dec["values"]["grow_lesions"] == "off"
-        S.get_predictor("growin", None, "cpu").recommended_grow_low = 0.3
-        assert run("auto2")[0] == 121
-        assert run("low", grow_low=0.4)[0] == 101  # the rim's 0.35 is under the low threshold
-    finally:
-        registry.unregister("growin")
+    yield run
+    registry.unregister("growin")
+
+
+def test_grow_lesions_on_off_auto_and_low(grow_run):
+    run = grow_run
+    n, dec = run("off", grow_lesions="off")
+    assert n == 101 and dec["values"]["voxels_added_by_growth"] == 0
+    n, dec = run("on", grow_lesions="on")
+    assert n == 121 and dec["values"]["voxels_added_by_growth"] == 20 and dec["values"]["grow_low"] == 0.3
+    assert any("Lesion growth: 20 voxel(s) added to 1 of 2" in i["text"] for i in dec["items"])
+    n, dec = run("auto")  # the stand-in recommends nothing: off
+    assert n == 101 and dec["values"]["grow_lesions"] == "off"
+    S.get_predictor("growin", None, "cpu").recommended_grow_low = 0.3
+    assert run("auto2")[0] == 121
+    assert run("low", grow_low=0.4)[0] == 101  # the rim's 0.35 is under the low threshold
+
+
+def test_detect_lesions_on_off_auto_and_low(grow_run):
+    run = grow_run
+    n, dec = run("off", detect_lesions="off")
+    assert n == 101 and dec["values"]["components_detected"] == 0 and dec["values"]["detect_low"] is None
+    n, dec = run("on", detect_lesions="on")  # the patch apart joins; the rim touching the lesion does not
+    assert n == 109 and dec["values"]["components_detected"] == 1 and dec["values"]["detect_low"] == 0.1
+    assert any("Lesion detection: 1 of 1 component(s) of probability >= 0.1" in i["text"] for i in dec["items"])
+    assert run("both", detect_lesions="on", grow_lesions="on")[0] == 129  # then growth takes the rim
+    n, dec = run("auto")  # the stand-in recommends nothing: off
+    assert n == 101 and dec["values"]["detect_lesions"] == "off"
+    S.get_predictor("growin", None, "cpu").recommended_detect_low = 0.3
+    assert run("auto2")[0] == 109
+    assert run("low", detect_low=0.4)[0] == 101  # the patch's 0.35 is under the threshold
 
 
 def test_threshold_above_probability_gives_empty_mask_with_warning(tmp_path, inputs, standin):

@@ -1,0 +1,44 @@
+"""Detection of faint lesions below the mask threshold, confirmed by their diffusion contrast.
+
+The built-in model gives small real emboli probabilities under 0.5, so the 0.5 mask misses most of
+them. ``detect_lesions`` adds to the mask every 26-connected component of
+
+- brain voxels of lesion probability >= ``low`` (default 0.1)
+- that holds no voxel of the mask already (those are for ``grow_lesions`` to extend), and
+- that passes the contrast check (``models/contrast_filter.py``, same thresholds and tissue shell:
+  brighter on the trace and darker on the ADC than the tissue around it; the shell excludes the mask
+  and every candidate).
+
+Components of the mask are never removed or changed. Ratios are unit-free (any ADC unit, any trace
+scale) and every step is invariant to the storage order of the voxels. Returns ``(mask, rows)``, one
+row per candidate component: ``size``, ``dwi_ratio``, ``adc_ratio``, ``kept``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
+from models.postprocess import STRUCTURE_26
+
+DETECT_LOW = 0.1
+
+
+def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi_ratio: float = MIN_DWI_RATIO,
+                   max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2):
+    mask = np.asarray(mask) > 0
+    brain = np.asarray(brain) > 0
+    cand, _ = ndimage.label((np.asarray(prob) >= low) & brain & ~mask, structure=STRUCTURE_26)
+    # candidates touching the mask (26-connected) belong to one of its components, not a new lesion
+    touching = np.unique(cand[ndimage.binary_dilation(mask, STRUCTURE_26) & (cand > 0)])
+    new = (cand > 0) & ~np.isin(cand, touching)
+    if not new.any():
+        return mask.astype(np.uint8), []
+    both = mask | new
+    kept, rows = contrast_filter(both, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell)
+    # contrast_filter labels ``both`` in scan order: keep the rows of the new components only
+    lab, _ = ndimage.label(both, structure=STRUCTURE_26)
+    is_new = [bool(new[sl][lab[sl] == i].any()) for i, sl in enumerate(ndimage.find_objects(lab), start=1)]
+    rows = [r for r, n in zip(rows, is_new) if n]
+    return (mask | ((kept > 0) & new)).astype(np.uint8), rows
