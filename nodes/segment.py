@@ -47,6 +47,16 @@ _INPUT_TRAITS = {"dwi_norm": "dwi_norm_file", "adc_norm": "adc_norm_file", "trac
                  "adc": "adc_file", "flair": "flair_file"}
 
 
+def _on_off_auto(choice: str, given, recommended, default: float) -> tuple[str, float]:
+    """``(on|off, threshold)`` of a post-processing step: ``auto`` follows the member's recommended
+    threshold (``None``: off); the threshold is the one given, else the recommended one, else ``default``."""
+    if choice == "auto":
+        choice = "on" if recommended is not None else "off"
+    if isdefined(given):
+        return choice, float(given)
+    return choice, default if recommended is None else float(recommended)
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -238,23 +248,11 @@ class SegmentLesions(DecisionInterface):
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
         loaded = dict(zip(spec.inputs, (im for _, im in images)))
         n_failed = self._contrast_check(mask, check, brain, loaded)
-        detect = self.inputs.detect_lesions
-        recommended_detect = getattr(predictor, "recommended_detect_low", None)
-        if detect == "auto":
-            detect = "on" if recommended_detect is not None else "off"
-        if isdefined(self.inputs.detect_low):
-            detect_low = float(self.inputs.detect_low)
-        else:
-            detect_low = DETECT_LOW if recommended_detect is None else float(recommended_detect)
+        detect, detect_low = _on_off_auto(self.inputs.detect_lesions, self.inputs.detect_low,
+                                          getattr(predictor, "recommended_detect_low", None), DETECT_LOW)
         n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded)
-        grow = self.inputs.grow_lesions
-        recommended_low = getattr(predictor, "recommended_grow_low", None)
-        if grow == "auto":
-            grow = "on" if recommended_low is not None else "off"
-        if isdefined(self.inputs.grow_low):
-            low = float(self.inputs.grow_low)
-        else:
-            low = GROW_LOW if recommended_low is None else float(recommended_low)
+        grow, low = _on_off_auto(self.inputs.grow_lesions, self.inputs.grow_low,
+                                 getattr(predictor, "recommended_grow_low", None), GROW_LOW)
         n_added = self._grow(mask, prob, grow, low, brain, loaded)
 
         cwd = Path(runtime.cwd)
