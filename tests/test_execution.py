@@ -1,0 +1,42 @@
+"""bids_app/execution.py: the workflow runs with the start-up heap left out of garbage collection."""
+import gc
+import os
+
+import pytest
+
+from bids_app import execution as E
+
+
+def test_heap_is_frozen_during_the_run_and_released_after():
+    gc.unfreeze()
+    with E._frozen_heap():
+        assert gc.get_freeze_count() > 0  # the objects alive at the start (modules, the graph)
+    assert gc.get_freeze_count() == 0
+
+
+def test_heap_is_released_when_the_run_fails():
+    gc.unfreeze()
+    with pytest.raises(RuntimeError):
+        with E._frozen_heap():
+            raise RuntimeError("workflow did not execute cleanly")
+    assert gc.get_freeze_count() == 0
+
+
+def test_run_workflow_runs_nipype_inside_the_frozen_heap(monkeypatch):
+    seen = {}
+
+    class RecordingWorkflow:
+        def run(self, plugin, plugin_args):
+            seen.update(frozen=gc.get_freeze_count(), plugin=plugin)
+
+    import bids_app.workflow as W
+
+    monkeypatch.setattr(W, "init_deepisles_wf", lambda *a, **k: RecordingWorkflow())
+    monkeypatch.setattr(E, "_nipype_config", lambda config: None)
+    # _run_workflow sets OMP_NUM_THREADS when unset: keep that out of the other tests
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    config = E.RunConfig(bids_dir=None, output_dir=None, analysis_level="participant", work_dir=None, nprocs=1)
+    gc.unfreeze()
+    E._run_workflow(config, [], [], {})
+    assert seen["plugin"] == "Linear" and seen["frozen"] > 0
+    assert gc.get_freeze_count() == 0
