@@ -204,3 +204,19 @@ def write_bval_bvec(stem, bvals, bvecs) -> tuple[Path, Path]:
     bval.write_text(" ".join(f"{b:g}" for b in np.ravel(bvals)) + "\n")
     bvec.write_text("\n".join(" ".join(f"{v:.6f}" for v in row) for row in np.atleast_2d(bvecs)) + "\n")
     return bval, bvec
+
+
+def tissue_arrays(shape, background_prob: float):
+    """Arrays for the post-processing tests: probability ``background_prob`` everywhere, trace 100 and ADC
+    0.8 (normal tissue), the brain all but a one-voxel border; ``put(slices, prob, trace, adc)`` paints a
+    region. Returns ``(prob, trace, adc, brain, put)``."""
+    prob = np.full(shape, background_prob, np.float32)
+    trace = np.full(shape, 100.0)
+    adc = np.full(shape, 0.8)
+    brain = np.zeros(shape, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+
+    def put(sl, p, t, a):
+        prob[sl], trace[sl], adc[sl] = p, t, a
+
+    return prob, trace, adc, brain, put

@@ -4,6 +4,7 @@ from scipy import ndimage
 
 from models.detect_lesions import DETECT_LOW, detect_lesions
 from models.postprocess import STRUCTURE_26
+from tests.datasets import tissue_arrays
 
 SHAPE = (26, 24, 22)
 
@@ -12,15 +13,7 @@ def _case():
     """A 3^3 lesion (probability 0.9), a faint restricted patch touching it, a faint restricted patch apart
     (found), a faint patch with normal contrast (not found), a restricted patch under the threshold and
     one outside the brain."""
-    prob = np.full(SHAPE, 0.02, np.float32)
-    trace = np.full(SHAPE, 100.0)
-    adc = np.full(SHAPE, 0.8)
-    brain = np.zeros(SHAPE, bool)
-    brain[1:-1, 1:-1, 1:-1] = True
-
-    def put(sl, p, t, a):
-        prob[sl], trace[sl], adc[sl] = p, t, a
-
+    prob, trace, adc, brain, put = tissue_arrays(SHAPE, 0.02)
     put((slice(6, 9), slice(6, 9), slice(6, 9)), 0.9, 250.0, 0.4)       # lesion: 27 voxels
     put((slice(9, 10), slice(6, 9), slice(6, 9)), 0.3, 180.0, 0.5)      # touching it: left to growth
     put((slice(15, 17), slice(15, 17), slice(4, 5)), 0.3, 180.0, 0.55)  # apart, restricted: 4, found

@@ -3,6 +3,7 @@ import numpy as np
 
 from models.grow_lesions import grow_lesions
 from models.postprocess import STRUCTURE_26
+from tests.datasets import tissue_arrays
 from scipy import ndimage
 
 SHAPE = (24, 22, 20)
@@ -12,15 +13,7 @@ def _case():
     """A 4^3 lesion core, a one-voxel restricted rim on one face, a 5-voxel restricted tail from the rim,
     a low-probability patch with normal contrast, a restricted patch under ``low`` and a disconnected
     restricted patch."""
-    prob = np.full(SHAPE, 0.05, np.float32)
-    trace = np.full(SHAPE, 100.0)
-    adc = np.full(SHAPE, 0.8)
-    brain = np.zeros(SHAPE, bool)
-    brain[1:-1, 1:-1, 1:-1] = True
-
-    def put(sl, p, t, a):
-        prob[sl], trace[sl], adc[sl] = p, t, a
-
+    prob, trace, adc, brain, put = tissue_arrays(SHAPE, 0.05)
     put((slice(8, 12), slice(8, 12), slice(8, 12)), 0.9, 250.0, 0.4)       # core: 64 voxels
     put((slice(12, 13), slice(8, 12), slice(8, 12)), 0.35, 180.0, 0.5)     # rim: 16, grows
     put((slice(13, 18), slice(9, 10), slice(9, 10)), 0.35, 180.0, 0.5)     # tail: 5, grows through rim
