@@ -11,8 +11,9 @@ brain tissue ``shell`` voxels around it (other predicted voxels excluded, median
 
 Ratios are unit-free (ADC in any unit, trace at any scale); the app's normalised channels (clipped,
 zero outside the brain) give nearly the same ratios and are used when the raw pair is absent. Components without a
-usable shell (e.g. the whole brain) are kept. Returns ``(mask, rows)`` with one row per component:
-``size``, ``dwi_ratio``, ``adc_ratio``, ``kept``.
+usable shell (e.g. the whole brain) are kept. Voxels of ``exclude`` (e.g. an existing lesion mask) are
+left out of the shells too. Returns ``(mask, rows)`` with one row per component: ``size``, ``dwi_ratio``,
+``adc_ratio``, ``kept``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def shell_medians(comp, mask, brain, dwi, adc, shell: int = 2) -> tuple[float, f
 
 
 def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = MIN_DWI_RATIO,
-                    max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, q: float = 75.0):
+                    max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, q: float = 75.0, exclude=None):
     mask = np.asarray(mask) > 0
+    not_tissue = mask if exclude is None else mask | (np.asarray(exclude) > 0)
     dwi = np.asarray(dwi, dtype=np.float64)
     adc = np.asarray(adc, dtype=np.float64)
     brain = np.asarray(brain) > 0
@@ -49,7 +51,7 @@ def contrast_filter(mask, dwi, adc, brain, min_dwi_ratio: float = MIN_DWI_RATIO,
         comp = lab[box] == i
         row = {"size": int(comp.sum()), "dwi_ratio": None, "adc_ratio": None, "kept": True}
         d, a = dwi[box], adc[box]
-        d_ref, a_ref = shell_medians(comp, mask[box], brain[box], d, a, shell)
+        d_ref, a_ref = shell_medians(comp, not_tissue[box], brain[box], d, a, shell)
         if d_ref > 0 and a_ref > 0:
             row["dwi_ratio"] = float(np.percentile(d[comp], q) / d_ref)
             row["adc_ratio"] = float(np.percentile(a[comp], 100.0 - q) / a_ref)

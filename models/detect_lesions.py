@@ -35,10 +35,5 @@ def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi
     new = (cand > 0) & ~np.isin(cand, touching)
     if not new.any():
         return mask.astype(np.uint8), []
-    both = mask | new
-    kept, rows = contrast_filter(both, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell)
-    # contrast_filter labels ``both`` in scan order: keep the rows of the new components only
-    lab, _ = ndimage.label(both, structure=STRUCTURE_26)
-    is_new = [bool(new[sl][lab[sl] == i].any()) for i, sl in enumerate(ndimage.find_objects(lab), start=1)]
-    rows = [r for r, n in zip(rows, is_new) if n]
-    return (mask | ((kept > 0) & new)).astype(np.uint8), rows
+    kept, rows = contrast_filter(new, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell, exclude=mask)
+    return (mask | (kept > 0)).astype(np.uint8), rows

@@ -52,3 +52,23 @@ def test_component_without_tissue_around_is_kept():
     mask = np.ones((6, 6, 6), np.uint8)
     out, rows = contrast_filter(mask, np.ones(mask.shape), np.ones(mask.shape), np.ones(mask.shape, bool))
     assert out.all() and rows[0]["kept"] and rows[0]["dwi_ratio"] is None
+
+
+def test_excluded_voxels_are_not_tissue_of_the_shell():
+    """A faint spot on the face of a bright, restricted lesion that is not part of ``mask``: judged against
+    a shell that is mostly that lesion it fails; with the lesion in ``exclude`` the shell is the tissue
+    beyond it, and it passes."""
+    shape = (30, 30, 30)
+    dwi, adc, brain = np.full(shape, 100.0), np.full(shape, 0.8), np.ones(shape, bool)
+    lesion = np.zeros(shape, bool)
+    lesion[8:20, 8:20, 8:20] = True
+    spot = np.zeros(shape, bool)
+    spot[18:20, 13:15, 13:15] = True  # inside the lesion's box, on its face
+    lesion &= ~spot
+    dwi[lesion], adc[lesion] = 250.0, 0.4
+    dwi[spot], adc[spot] = 160.0, 0.6
+    row = contrast_filter(spot, dwi, adc, brain)[1][0]
+    assert not row["kept"] and row["dwi_ratio"] == 160.0 / 250.0
+    out, rows = contrast_filter(spot, dwi, adc, brain, exclude=lesion)
+    assert rows[0]["kept"] and rows[0]["dwi_ratio"] == 1.6 and rows[0]["adc_ratio"] == 0.6 / 0.8
+    assert np.array_equal(out > 0, spot)  # the excluded voxels are not added to the mask
