@@ -115,6 +115,19 @@ def lesion_wise_loss(logits: torch.Tensor, y: torch.Tensor, radius: int = 4, com
     return terms.mean() if terms.numel() else logits.sum() * 0.0
 
 
+def shift_consistency(logits: torch.Tensor, overlaps) -> torch.Tensor:
+    """Disagreement of paired crops on the voxels they share (``transforms.shifted_pair_crop``): for each
+    pair, ``sum((p_a - p_b) ** 2) / (sum(max(p_a, p_b)) + 1)`` over the overlap, averaged over pairs. The
+    denominator counts the voxels either window calls lesion, so a small lesion that one window finds and
+    the other misses weighs about as much as a large one; background agreeing at ~0 adds nothing."""
+    prob = torch.sigmoid(logits.float())[:, 0]
+    terms = []
+    for j, (sa, sb) in enumerate(overlaps):
+        pa, pb = prob[2 * j][sa], prob[2 * j + 1][sb]
+        terms.append(((pa - pb) ** 2).sum() / (torch.maximum(pa, pb).sum() + 1.0))
+    return torch.stack(terms).mean() if terms else logits.sum() * 0.0
+
+
 class LesionWeightedDiceCE:
     def __init__(self, small_lesion_weight: float = 1.0, ref_voxels: float = 64.0,
                  lesion_dice_weight: float = 0.0, lesion_dice_radius: int = 4, lesion_fp_threshold=None):

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loss import LesionWeightedDiceCE
+from .loss import LesionWeightedDiceCE, shift_consistency
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import GENERATOR_OPTIONS, SynthGenerator, add_generator_arguments
-from .transforms import random_crop
+from .transforms import random_crop, shifted_pair_crop
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
 VAL_SEED0 = 900_000_000  # validation volumes: seeds far from any training seed
@@ -149,9 +149,18 @@ def main(argv=None):
     ap.add_argument("--lesion-fp-threshold", type=float, default=None,
                     help="with --lesion-dice-weight: predicted components above this probability that touch no "
                          "lesion join the lesion-wise term (loss.py); default off")
+    ap.add_argument("--shift-consistency", type=float, default=0.0,
+                    help="weight of the shift-consistency term (loss.shift_consistency): with --crops-per-volume 2, "
+                         "each volume's second crop is its first moved by up to --max-shift voxels per axis, and the "
+                         "two must agree where they overlap; 0 = off (releases 1-6)")
+    ap.add_argument("--max-shift", type=int, default=16, help="with --shift-consistency: largest move per axis")
     ap.add_argument("--select", default="dice", choices=["dice", "dice_f1"],
                     help="synthetic-validation score that picks the saved weights")
     args = ap.parse_args(argv)
+    if args.shift_consistency and (args.crops_per_volume != 2 or args.batch % 2):
+        ap.error("--shift-consistency needs --crops-per-volume 2 and an even --batch")
+    if args.shift_consistency and args.real_data:
+        ap.error("--shift-consistency and --real-data: real crops would break the pairs")
     t0 = time.time()
 
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
@@ -272,7 +281,11 @@ def main(argv=None):
         if args.crops_per_volume > 1:
             x = x.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
             y = y.repeat_interleave(args.crops_per_volume, 0)[:args.batch]
-        x, y = random_crop(x, y, patch, ss)
+        overlaps = None
+        if args.shift_consistency:
+            x, y, overlaps = shifted_pair_crop(x, y, patch, ss, args.max_shift)
+        else:
+            x, y = random_crop(x, y, patch, ss)
         if real is not None:
             pick = random.Random(ss + 17)
             for i in range(x.shape[0]):
@@ -281,6 +294,8 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
+        if overlaps:
+            loss = loss + args.shift_consistency * shift_consistency(logits, overlaps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 2.0)
@@ -336,6 +351,8 @@ def main(argv=None):
         "lesion_dice_weight": args.lesion_dice_weight,
         "lesion_dice_radius": args.lesion_dice_radius,
         "lesion_fp_threshold": args.lesion_fp_threshold,
+        **({"shift_consistency": args.shift_consistency, "max_shift": args.max_shift} if args.shift_consistency
+           else {}),
         "batch": args.batch,
         "crops_per_volume": args.crops_per_volume,
         "patch": list(patch),

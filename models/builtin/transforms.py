@@ -59,15 +59,14 @@ def normalize_channels_torch(trace, adc, brain):
     return dwi_n, adc_n
 
 
-def random_crop(x, y, patch, seed: int, p_lesion=0.7):
-    """Crop ``patch`` (3 ints) from each volume of (x, y); centred on a lesion voxel with ``p_lesion``."""
+def crop_origins(x, y, patch, seed: int, p_lesion=0.7) -> list:
+    """Origins of :func:`random_crop`'s windows: centred on a lesion voxel with ``p_lesion`` (else a brain
+    voxel), jittered by up to a quarter window, kept inside the volume."""
     import torch
 
     rng = random.Random(int(seed))
     fov = x.shape[2:]
-    if tuple(patch) == tuple(fov):
-        return x, y
-    xs, ys = [], []
+    origins = []
     for i in range(x.shape[0]):
         pool = torch.nonzero(y[i, 0] > 0) if rng.random() < p_lesion else torch.empty(0)
         if pool.numel() == 0:
@@ -76,11 +75,50 @@ def random_crop(x, y, patch, seed: int, p_lesion=0.7):
             c = pool[int(rng.random() * pool.shape[0]) % pool.shape[0]].tolist()
         else:
             c = [n // 2 for n in fov]
-        sl = []
+        lo = []
         for ax in range(3):
             c_ax = c[ax] + rng.randint(-patch[ax] // 4, patch[ax] // 4)
-            lo = min(max(0, c_ax - patch[ax] // 2), fov[ax] - patch[ax])
-            sl.append(slice(lo, lo + patch[ax]))
-        xs.append(x[(i, slice(None)) + tuple(sl)])
-        ys.append(y[(i, slice(None)) + tuple(sl)])
-    return torch.stack(xs), torch.stack(ys)
+            lo.append(min(max(0, c_ax - patch[ax] // 2), fov[ax] - patch[ax]))
+        origins.append(lo)
+    return origins
+
+
+def _window(lo, patch):
+    return (slice(None),) + tuple(slice(a, a + p) for a, p in zip(lo, patch))
+
+
+def random_crop(x, y, patch, seed: int, p_lesion=0.7):
+    """Crop ``patch`` (3 ints) from each volume of (x, y) at :func:`crop_origins`."""
+    import torch
+
+    if tuple(patch) == tuple(x.shape[2:]):
+        return x, y
+    origins = crop_origins(x, y, patch, seed, p_lesion)
+    return (torch.stack([x[i][_window(lo, patch)] for i, lo in enumerate(origins)]),
+            torch.stack([y[i][_window(lo, patch)] for i, lo in enumerate(origins)]))
+
+
+def shifted_pair_crop(x, y, patch, seed: int, max_shift: int, p_lesion=0.7):
+    """Crops in pairs for the shift-consistency term (``loss.shift_consistency``): crops ``2j`` and
+    ``2j + 1`` both come from volume ``2j`` (``x`` holds each volume twice, as ``--crops-per-volume 2``
+    makes it); the first is :func:`random_crop`'s window, the second that window moved by a random
+    ``[-max_shift, max_shift]`` voxels per axis, zero beyond the volume (as the app zero-fills beyond the
+    brain box). Returns ``(x, y, overlaps)``, ``overlaps[j]`` = the slices of crop ``2j`` and of crop
+    ``2j + 1`` that hold the same voxels."""
+    import torch
+    import torch.nn.functional as F
+
+    m = int(max_shift)
+    firsts = x[0::2]
+    origins = crop_origins(firsts, y[0::2], patch, seed, p_lesion)
+    rng = random.Random(int(seed) ^ 0x5EED)
+    xs, ys, overlaps = [], [], []
+    for j, lo in enumerate(origins):
+        d = [rng.randint(-m, m) for _ in range(3)]
+        xp, yp = F.pad(firsts[j], (m,) * 6), F.pad(y[2 * j], (m,) * 6)
+        moved = [a + m + k for a, k in zip(lo, d)]
+        xs += [firsts[j][_window(lo, patch)], xp[_window(moved, patch)]]
+        ys += [y[2 * j][_window(lo, patch)], yp[_window(moved, patch)]]
+        overlaps.append((tuple(slice(max(0, k), p + min(0, k)) for k, p in zip(d, patch)),
+                         tuple(slice(max(0, -k), p - max(0, k)) for k, p in zip(d, patch))))
+    return torch.stack(xs), torch.stack(ys), overlaps
