@@ -15,6 +15,8 @@ generator's degradation keep a label), ``--small-lesion-weight W`` (``loss.py``:
 to W on small lesions) and ``--select dice_f1`` (the saved weights maximise the mean of synthetic Dice
 and lesion-wise F1). Defaults reproduce the release-2 recipe. ``--lesion-dice-weight`` and
 ``--lesion-fp-threshold`` add the lesion-wise term of ``loss.py`` (stages P-Q; not in the shipped weights).
+``--shift-consistency W --max-shift S`` (with ``--crops-per-volume 2``) pairs each volume's two crops, the
+second moved by up to S voxels, and adds ``loss.shift_consistency`` (stage AA; not in the shipped weights).
 """
 
 from __future__ import annotations
