@@ -13,6 +13,7 @@ from models.builtin.synth import SynthGenerator  # noqa: E402
 from models.builtin.transforms import crop_origins, random_crop, shifted_pair_crop  # noqa: E402
 
 PATCH = (16, 16, 16)
+SMALL_FOV = (48, 56, 48)
 
 
 def _volumes(seed=0):
@@ -65,10 +66,20 @@ def _pair_logits(world_logit, overlaps_from):
     return xc[:, :1].clone(), overlaps
 
 
-def test_agreeing_windows_cost_nothing_and_a_missed_lesion_costs():
+def test_agreeing_windows_cost_nothing():
+    """Windows cut from one varied map agree on their overlap, and only there: the overlap's slices are
+    checked, since a misaligned overlap of a varied map disagrees."""
+    world = 4.0 * torch.randn(30, 34, 26, generator=torch.Generator().manual_seed(4))
+    logits, overlaps = _pair_logits(world, 3)
+    assert any(sa != sb for sa, sb in overlaps)  # the windows were moved
+    assert float(shift_consistency(logits, overlaps)) == pytest.approx(0.0, abs=1e-9)
+    swapped = [(sb, sa) for sa, sb in overlaps]
+    assert float(shift_consistency(logits, swapped)) > 0.05
+
+
+def test_a_lesion_one_window_misses_costs_and_pulls_both_windows():
     world = torch.full((30, 34, 26), -12.0)
     logits, overlaps = _pair_logits(world, 3)
-    assert float(shift_consistency(logits, overlaps)) == pytest.approx(0.0, abs=1e-9)
     # one window finds a 4-voxel lesion (p ~ 1) in the overlap, the other does not
     sa = overlaps[0][0]
     corner = tuple(slice(s.start, s.start + 2 if i < 2 else s.start + 1) for i, s in enumerate(sa))
@@ -80,8 +91,6 @@ def test_agreeing_windows_cost_nothing_and_a_missed_lesion_costs():
     assert logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() > 0  # both windows pulled together
     assert logits.grad[2:].abs().sum() == 0  # the agreeing pair is untouched
 
-
-SMALL_FOV = (48, 56, 48)
 
 
 def test_training_option_reaches_the_loss_and_the_sidecar(tmp_path, monkeypatch):
