@@ -24,6 +24,7 @@ import json
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from models.postprocess import STRUCTURE_26
 
@@ -39,7 +40,7 @@ def lesion_rows(prob: np.ndarray, label: np.ndarray, trace: np.ndarray, adc: np.
     """One row per ground-truth lesion of ``label``: size, max probability, trace and ADC ratios."""
     label = np.asarray(label) > 0
     brain = np.asarray(brain) > 0
-    lab, n = ndimage.label(label, structure=STRUCTURE_26)
+    lab, _ = ndimage.label(label, structure=STRUCTURE_26)
     near_any = ndimage.binary_dilation(label, structure=STRUCTURE_26)
     rows = []
     for obj, sl in enumerate(ndimage.find_objects(lab), start=1):
@@ -98,7 +99,7 @@ def synthetic_rows(predictor, n: int, seed0: int, **options) -> list[dict]:
     for i in range(n):
         x, y = gen.sample_one(seed0 + i)
         x = x.numpy()
-        prob = 1.0 / (1.0 + np.exp(-predictor.logits_model_grid(x) / predictor.temperature))
+        prob = expit(predictor.logits_model_grid(x) / predictor.temperature)  # -inf outside the brain box: 0
         for r in lesion_rows(prob, y[0].numpy() > 0.5, x[0], x[1], x[0] > 0):
             rows.append({"seed": seed0 + i, **r})
     return rows
@@ -119,6 +120,8 @@ def real_rows(predictor, dwi_path, adc_path, mask_path) -> list[dict]:
     adc = np.asarray(nib.load(str(adc_path)).dataobj, dtype=np.float32).reshape(dwi.shape)
     adc, _ = harmonise_adc(adc, brain, path=str(adc_path))
     mask = np.asarray(nib.load(str(mask_path)).dataobj) > 0
+    if mask.reshape(-1).size != dwi.size:
+        raise ValueError(f"{mask_path}: mask shape {mask.shape} does not match the DWI's {dwi.shape}")
     d, a = normalize_channels(dwi, adc, brain)
     prob = predictor.predict(nib.Nifti1Image(d, dwi_img.affine), nib.Nifti1Image(a, dwi_img.affine))
     return lesion_rows(prob, mask.reshape(dwi.shape), d, a, brain)
@@ -129,6 +132,7 @@ def main(argv=None):
 
     from .predictor import BuiltinPredictor
     from .synth import GENERATOR_OPTIONS, add_generator_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True)
     ap.add_argument("--n", type=int, default=48, help="synthetic volumes (0: none)")
