@@ -29,6 +29,7 @@ def test_rows_give_size_probability_and_contrast():
     assert rows[0]["max_prob"] == pytest.approx(0.1) and rows[1]["max_prob"] == pytest.approx(0.9)
     assert rows[1]["trace_ratio"] == pytest.approx(2.0) and rows[1]["adc_ratio"] == pytest.approx(0.5)
     assert rows[0]["trace_ratio"] == pytest.approx(1.5) and rows[0]["adc_ratio"] == pytest.approx(0.75)
+    assert rows[0]["csf_share"] == 0.0 and rows[1]["csf_share"] == 0.0
 
 
 def test_shell_is_the_second_ring_away_from_other_lesions_and_inside_the_brain():
@@ -40,15 +41,16 @@ def test_shell_is_the_second_ring_away_from_other_lesions_and_inside_the_brain()
     label[12:14] = True  # lesion B: a slab two voxels away, and its first ring (x = 11), both bright
     trace[11:14] = 5.0
     trace[10, 9:12, 9:12] = 2.0  # A's own first ring (partial volume): left out of its shell
-    trace[10, 10, 10] = 2.0
+    adc[9, 8, 8:13] = 3.0  # CSF in 5 of the 32 shell voxels
     brain = np.zeros_like(label)
     brain[9:] = True  # x < 9 is outside the brain
     prob = np.zeros_like(trace)
     rows = lesion_rows(prob, label, trace, adc, brain)
     a = [r for r in rows if r["size"] == 1]
     # A's shell: x = 9 and 10 at chessboard distance 2 (32 voxels of trace 1); without leaving out B and
-    # its first ring (41 voxels of trace 5) or the outside of the brain, the median would not be 1
+    # its first ring (41 more voxels of the ring, trace 5) the median would be 5
     assert len(a) == 1 and a[0]["trace_ratio"] == pytest.approx(2.0)
+    assert a[0]["csf_share"] == pytest.approx(5 / 32)
     # a lesion whose shell lies outside the brain is left out
     brain[:] = False
     brain[8:13, 8:13, 8:13] = True
@@ -68,33 +70,29 @@ def test_summary_bands():
     assert sum(v["n"] for v in s["small_contrast"].values()) == 1  # the 1-voxel one is not "small" (2-14)
 
 
-def test_real_case_rows_agree_with_lesion_metrics():
-    """On the demo case: one row per expert lesion with a shell, and the lesions with max probability >= 0.5
-    are exactly the true positives of the plain 0.5 mask."""
-    import nibabel as nib
-
+def test_real_case_rows_agree_with_the_plain_mask():
+    """On the demo case, through the app's input steps: one row per expert lesion with a shell, and the lesions
+    with max probability >= 0.5 are exactly those the plain 0.5 mask of the same prediction touches."""
     from models.builtin.lesion_sensitivity import real_rows
     from models.builtin.metrics import label26
     from models.builtin.predictor import BuiltinPredictor
-    from models.builtin.transforms import normalize_channels
-    from nodes.adc_units import harmonise_adc
+    from models.builtin.real_data import load_reference, prepare_case
 
     dwi = CASE / "sub-strokecase0009/ses-0001/dwi/sub-strokecase0009_ses-0001_dwi.nii.gz"
     adc = CASE / "sub-strokecase0009/ses-0001/dwi/sub-strokecase0009_ses-0001_adc.nii.gz"
     msk = CASE / "derivatives/sub-strokecase0009/ses-0001/sub-strokecase0009_ses-0001_msk.nii.gz"
     pred = BuiltinPredictor()
+    seen = []
+    predict = pred.predict
+    pred.predict = lambda d, a: seen.append(predict(d, a)) or seen[-1]  # keep the one prediction made
     rows = real_rows(pred, dwi, adc, msk)
-    gt = np.asarray(nib.load(str(msk)).dataobj) > 0
-    _, n_gt = label26(gt)
+    assert len(seen) == 1
+    dwi_n, _, affine = prepare_case(dwi, adc)
+    gt = load_reference(msk, affine, dwi_n.shape)
+    lab, n_gt = label26(gt)
     assert 0 < len(rows) <= n_gt and sum(r["size"] for r in rows) <= int(gt.sum())
     assert all(0.0 <= r["max_prob"] <= 1.0 and r["trace_ratio"] > 0 and r["adc_ratio"] > 0 for r in rows)
-    # the same probability map through the plain 0.5 mask: the GT components it touches
-    img = nib.load(str(dwi))
-    d0 = np.asarray(img.dataobj, np.float32)
-    a0, _ = harmonise_adc(np.asarray(nib.load(str(adc)).dataobj, np.float32), d0 > 0)
-    d, a = normalize_channels(d0, a0, d0 > 0)
-    p = pred.predict(nib.Nifti1Image(d, img.affine), nib.Nifti1Image(a, img.affine))
-    lab, _ = label26(gt)
-    touched = {int(v) for v in np.unique(lab[(p >= 0.5) & gt])} - {0}
+    assert all(0.0 <= r["csf_share"] <= 1.0 for r in rows)
+    touched = {int(v) for v in np.unique(lab[(seen[0] >= 0.5) & gt])} - {0}
     sizes_touched = sorted(int((lab == v).sum()) for v in touched)
     assert sorted(r["size"] for r in rows if r["max_prob"] >= 0.5) == sizes_touched

@@ -7,11 +7,13 @@ For every 26-connected ground-truth lesion: its size (voxels), the highest proba
 inside it, and its contrast against a shell of tissue around it (the voxels 2 voxels away from it, at
 chessboard distance; its first ring, partial volume, is left out, as are the voxels within 1 voxel of
 any lesion and those outside the brain): ``trace_ratio`` = trace p75 / shell median trace, ``adc_ratio`` =
-ADC p25 / shell median ADC. Lesions whose shell holds fewer than ``MIN_SHELL`` voxels are left out.
+ADC p25 / shell median ADC, and ``csf_share``, the share of the shell with ADC >= ``CSF_ADC`` (sulci,
+ventricles). Lesions whose shell holds fewer than ``MIN_SHELL`` voxels are left out.
 
 On synthetic volumes (``SynthGenerator(label_rule="visible")``, generator options as ``score_synthetic``'s,
 model grid, the probability of ``BuiltinPredictor.logits_model_grid`` with the weights' temperature) and,
-with ``--real``, on one real case (normalised channels, ``BuiltinPredictor.predict``, native grid). The
+with ``--real``, on one real case (the app's steps up to normalisation, ``real_data.prepare_case``, and its
+mask as ``deepisles evaluate`` reads it; ``BuiltinPredictor.predict``, native grid). The
 summary gives the share of lesions found (max probability >= 0.5, >= 0.2) per size band and per contrast
 band of the small lesions: whether a real case's missed lesions are also missed on synthetic data with the
 same size and contrast (a sensitivity limit) or not (a synthetic-to-real gap).
@@ -29,6 +31,7 @@ from scipy.special import expit
 from models.postprocess import STRUCTURE_26
 
 MIN_SHELL = 5
+CSF_ADC = 1.5  # 1e-3 mm2/s
 SIZE_BANDS = ((1, 1), (2, 4), (5, 14), (15, 50), (51, None))
 SMALL = (2, 14)
 TRACE_BANDS = ((0.0, 1.3), (1.3, 1.6), (1.6, 1.9), (1.9, 2.3), (2.3, None))
@@ -55,6 +58,7 @@ def lesion_rows(prob: np.ndarray, label: np.ndarray, trace: np.ndarray, adc: np.
             "max_prob": float(prob[box][m].max()),
             "trace_ratio": float(np.percentile(t[m], 75) / max(float(np.median(t[shell])), 1e-6)),
             "adc_ratio": float(np.percentile(a[m], 25) / max(float(np.median(a[shell])), 1e-6)),
+            "csf_share": float(np.mean(a[shell] >= CSF_ADC)),
         })
     return rows
 
@@ -106,25 +110,15 @@ def synthetic_rows(predictor, n: int, seed0: int, **options) -> list[dict]:
 
 
 def real_rows(predictor, dwi_path, adc_path, mask_path) -> list[dict]:
-    """``lesion_rows`` of one real case (ADC in any of the supported units), on its own grid."""
+    """``lesion_rows`` of one real case, on the DWI's grid, through the app's own input steps."""
     import nibabel as nib
 
-    from nodes.adc_units import harmonise_adc
+    from .real_data import load_reference, prepare_case
 
-    from .transforms import normalize_channels
-
-    dwi_img = nib.load(str(dwi_path))
-    dwi = np.asarray(dwi_img.dataobj, dtype=np.float32)
-    dwi = dwi.reshape(dwi.shape[:3])
-    brain = dwi > 0
-    adc = np.asarray(nib.load(str(adc_path)).dataobj, dtype=np.float32).reshape(dwi.shape)
-    adc, _ = harmonise_adc(adc, brain, path=str(adc_path))
-    mask = np.asarray(nib.load(str(mask_path)).dataobj) > 0
-    if mask.reshape(-1).size != dwi.size:
-        raise ValueError(f"{mask_path}: mask shape {mask.shape} does not match the DWI's {dwi.shape}")
-    d, a = normalize_channels(dwi, adc, brain)
-    prob = predictor.predict(nib.Nifti1Image(d, dwi_img.affine), nib.Nifti1Image(a, dwi_img.affine))
-    return lesion_rows(prob, mask.reshape(dwi.shape), d, a, brain)
+    dwi_n, adc_n, affine = prepare_case(dwi_path, adc_path)
+    mask = load_reference(mask_path, affine, dwi_n.shape)
+    prob = predictor.predict(nib.Nifti1Image(dwi_n, affine), nib.Nifti1Image(adc_n, affine))
+    return lesion_rows(prob, mask, dwi_n, adc_n, dwi_n > 0)
 
 
 def main(argv=None):
