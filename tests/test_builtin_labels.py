@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 pytest.importorskip("monai")
 
-from models.builtin.labels import threshold_label, visible_label  # noqa: E402
+from models.builtin.labels import rim_label, threshold_label, visible_label  # noqa: E402
 from models.builtin.synth import SynthGenerator  # noqa: E402
 
 
@@ -40,16 +40,30 @@ def test_visible_rule_leaves_lesions_reaching_half_unchanged():
     assert torch.equal(visible_label(soft, dwi_excess=2.5), threshold_label(soft))
 
 
+def test_rim_rule_adds_the_visible_partial_volume_edge():
+    soft = _blob((24, 24, 24), (12, 12, 12), 2.0, 1.0)  # a lesion blurred over its edge
+    visible = visible_label(soft, dwi_excess=1.5)
+    rim = rim_label(soft, dwi_excess=1.5)  # 150 % brighter: soft 0.25 is 37 % brighter, outlined
+    assert bool((rim >= visible).all()) and rim.sum() > visible.sum()
+    assert torch.equal(rim > 0, (soft > 0.5) | (soft > 0.25))
+    faint = rim_label(soft, dwi_excess=0.5)  # 50 % brighter: the edge needs soft >= 0.3
+    assert torch.equal(faint > 0, (soft > 0.5) | (soft >= 0.3))
+    assert torch.equal(rim_label(soft, dwi_excess=0.2), visible_label(soft, dwi_excess=0.2))  # edge too faint
+
+
 def test_generator_rule_changes_labels_only():
     g0 = SynthGenerator("cpu", fov=(48, 56, 48))
     g1 = SynthGenerator("cpu", fov=(48, 56, 48), label_rule="visible")
-    added = 0
+    g2 = SynthGenerator("cpu", fov=(48, 56, 48), label_rule="rim")
+    added = rim_added = 0
     for seed in range(6):
         x0, y0 = g0.sample_one(seed)
         x1, y1 = g1.sample_one(seed)
-        assert torch.equal(x0, x1)  # same random stream, same images
-        assert bool((y1 >= y0).all())  # the visible rule only adds voxels
+        x2, y2 = g2.sample_one(seed)
+        assert torch.equal(x0, x1) and torch.equal(x0, x2)  # same random stream, same images
+        assert bool((y1 >= y0).all()) and bool((y2 >= y1).all())  # each rule only adds voxels
         added += int((y1 - y0).sum())
-    assert added > 0
+        rim_added += int((y2 - y1).sum())
+    assert added > 0 and rim_added > 0
     with pytest.raises(KeyError):
         SynthGenerator("cpu", fov=(48, 56, 48), label_rule="nope")

@@ -78,8 +78,11 @@ def test_cli_scores_weights_and_their_mean(tmp_path, monkeypatch, capsys):
         S.main(["--weights", paths[0], "--mean-of-all"])
     S.main(["--weights", paths[0], "--n", "1", "--sulci", "0.7", "--texture", "0.4",
             "--pileup-low-adc", "0.2", "--cortical", "0.3"])  # they reach the generator
+    S.main(["--weights", paths[0], "--n", "1", "--label-rule", "rim", "--json", str(tmp_path / "r.json")])
     assert asked == [{"label_rule": "visible", "sulci": 0.0, "texture": 0.0, "pileup_low_adc": 0.0, "cortical": 0.0},
-                     {"label_rule": "visible", "sulci": 0.7, "texture": 0.4, "pileup_low_adc": 0.2, "cortical": 0.3}]
+                     {"label_rule": "visible", "sulci": 0.7, "texture": 0.4, "pileup_low_adc": 0.2, "cortical": 0.3},
+                     {"label_rule": "rim", "sulci": 0.0, "texture": 0.0, "pileup_low_adc": 0.0, "cortical": 0.0}]
+    assert json.loads((tmp_path / "r.json").read_text())["label_rule"] == "rim"
     both = S.main(["--weights", paths[0], "--n", "2", "--overlap", "0.25", "0.5"])  # one row per overlap
     assert set(both) == {f"{paths[0]}@overlap=0.25", f"{paths[0]}@overlap=0.5"}
     assert both[f"{paths[0]}@overlap=0.25"] == out[paths[0]]  # 0.25 = the sidecar's default

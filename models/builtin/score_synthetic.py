@@ -2,12 +2,12 @@
 
     python -m models.builtin.score_synthetic --weights A/builtin_v1.pt B/builtin_v1.pt [--mean-of-all]
         [--n 64] [--roi 64 64 64] [--sulci P] [--texture P] [--pileup-low-adc P] [--cortical P]
-        [--overlap O [O ...]] [--json scores.json]
+        [--overlap O [O ...]] [--label-rule visible|rim|threshold] [--json scores.json]
 
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
 ``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible", **options)``
-``.sample_one(seed0 + i)`` (options ``--sulci``, ``--texture``, ``--pileup-low-adc``, ``--cortical``, default 0:
+``.sample_one(seed0 + i)`` (``--label-rule`` another label rule of ``labels.py``, same images) (options ``--sulci``, ``--texture``, ``--pileup-low-adc``, ``--cortical``, default 0:
 the generator of releases 1-4),
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
@@ -30,13 +30,13 @@ MEAN_OF_ALL = "mean-of-all"
 
 
 def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: bool = False, progress=None,
-          **options) -> dict:
+          label_rule: str = "visible", **options) -> dict:
     """``{name: pooled metrics}`` of each predictor (and of their logit mean) over ``n`` volumes of
     ``generator`` or of ``SynthGenerator`` with ``options`` (``synth.GENERATOR_OPTIONS``, default all 0)."""
     from .metrics import Pooled
     from .synth import SynthGenerator
 
-    gen = generator or SynthGenerator("cpu", label_rule="visible", **options)
+    gen = generator or SynthGenerator("cpu", label_rule=label_rule, **options)
     names = list(predictors) + ([MEAN_OF_ALL] if mean_of_all else [])
     pooled = {k: Pooled() for k in names}
     for i in range(n):
@@ -54,6 +54,7 @@ def score(predictors: dict, n: int, seed0: int, generator=None, mean_of_all: boo
 
 
 def main(argv=None):
+    from .labels import LABEL_RULES
     from .predictor import BuiltinPredictor
     from .synth import GENERATOR_OPTIONS, add_generator_arguments
     from .train import VAL_SEED0
@@ -67,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--overlap", nargs="+", type=float, default=None,
                     help="sliding-window overlap(s) for all weights (default: each sidecar's); several: each is scored")
     ap.add_argument("--mean-of-all", action="store_true", help="also score the mean of all the weights' logits")
+    ap.add_argument("--label-rule", default="visible", choices=sorted(LABEL_RULES),
+                    help="labels the masks are scored against (default visible, the releases' figure)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -83,7 +86,8 @@ def main(argv=None):
             print(f"--- {done} volumes, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
     options = {k: getattr(args, k) for k in GENERATOR_OPTIONS}
-    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress, **options)
+    out = score(preds, args.n, args.seed0, mean_of_all=args.mean_of_all, progress=progress,
+                label_rule=args.label_rule, **options)
     print("weights\tDice\tF1\tscore\tunrounded\tTP/FP/FN")
     for k, m in out.items():
         print(f"{k}\t{m['dice']:.4f}\t{m['lesion_f1']:.4f}\t{m['score']:.4f}\t{m['score_unrounded']:.6f}\t"
@@ -92,7 +96,7 @@ def main(argv=None):
         from .weights_file import write_json
 
         write_json(args.json, {"n": args.n, "seed0": args.seed0, **options, "roi": args.roi, "overlap": args.overlap,
-                               "scores": out})
+                               "label_rule": args.label_rule, "scores": out})
     return out
 
 

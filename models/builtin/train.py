@@ -38,6 +38,7 @@ import torch
 from .loss import LesionWeightedDiceCE, shift_consistency
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import GENERATOR_OPTIONS, SynthGenerator, add_generator_arguments
+from .labels import LABEL_RULES
 from .transforms import random_crop, shifted_pair_crop
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
@@ -139,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--real-data", default=None,
                     help="labelled ISLES-style BIDS folder mixed into training (never for the shipped weights)")
     ap.add_argument("--real-fraction", type=float, default=0.25, help="with --real-data: share of real crops")
-    ap.add_argument("--label-rule", default="threshold", choices=["threshold", "visible"],
+    ap.add_argument("--label-rule", default="threshold", choices=sorted(LABEL_RULES),
                     help="generator labels (models/builtin/labels.py)")
     add_generator_arguments(ap)
     ap.add_argument("--small-lesion-weight", type=float, default=1.0,
