@@ -1,11 +1,14 @@
 """Choose the post-processing recommended with a set of built-in weights, on synthetic volumes only.
 
     python -m models.builtin.choose_postprocess --weights models/builtin/weights/builtin_v1.pt [--n 32]
+        [--label-rule rim]
 
 Whole synthetic brains (generator seeds ``POST_SEED0 + i``, disjoint from training, from the validation
-volumes of model selection and from calibration) go through the predictor exactly as in the app
-(calibrated probability, threshold 0.5). Pooled Dice and lesion-wise F1 (as in training validation)
-are measured for: the 0.5 mask; with the contrast check (``models/contrast_filter.py``); and, on top of
+volumes of model selection and from calibration; the weights' own generator options) go through the
+predictor exactly as in the app (calibrated probability, threshold 0.5). The masks are judged against
+the labels of ``--label-rule`` (default ``rim``, ``labels.py``: lesions with the partial-volume edge that
+experts outline; the images do not depend on the rule). Pooled Dice and lesion-wise F1 (as in training
+validation) are measured for: the 0.5 mask; with the contrast check (``models/contrast_filter.py``); and, on top of
 the chosen check setting, hysteresis growth (``models/grow_lesions.py``) at each low threshold of
 ``GROW_LOWS``. The rule, fixed before any measurement:
 
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 
 POST_SEED0 = 970_000_000
-GROW_LOWS = (0.2, 0.3, 0.4)
+GROW_LOWS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+JUDGE_LABELS = "rim"  # what experts outline (MODEL_CARD.md, stage AC)
 
 
 def candidate_masks(prob, dwi, adc, brain):
@@ -78,18 +82,18 @@ def choose(results: dict) -> dict:
     return {"contrast_check": check, "grow_lesions": low is not None, "grow_low": low}
 
 
-def choose_postprocess(weights, n: int = 32, generator=None) -> dict:
+def choose_postprocess(weights, n: int = 32, generator=None, label_rule: str = JUDGE_LABELS) -> dict:
     """Measure, choose and record in the sidecar of ``weights``; returns the record."""
     from .calibrate import write_sidecar_entry
     from .predictor import BuiltinPredictor
     from .synth import generator_for
 
     pred = BuiltinPredictor(weights)  # SHA-256 checked against the sidecar before loading
-    gen = generator or generator_for(pred.meta)
+    gen = generator or generator_for(pred.meta, label_rule=label_rule)
     results = measure(pred, gen, n)
     rec = dict(choose(results), rule="check if it lowers neither synthetic Dice nor F1; growth at the "
                "low threshold (of %s) with the best mean of both among those that lower neither"
-               % list(GROW_LOWS),
+               % list(GROW_LOWS), label_rule=getattr(gen, "label_rule_name", None),
                n_volumes=n, generator_seeds=[POST_SEED0, POST_SEED0 + n - 1], measured=results)
     write_sidecar_entry(weights, "postprocess", rec)
     return rec
@@ -99,10 +103,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True)
     ap.add_argument("--n", type=int, default=32, help="synthetic volumes (default 32)")
+    from .labels import LABEL_RULES
+
+    ap.add_argument("--label-rule", default=JUDGE_LABELS, choices=sorted(LABEL_RULES), help="labels the masks are judged against "
+                    f"(models/builtin/labels.py; default {JUDGE_LABELS})")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(json.dumps(choose_postprocess(args.weights, args.n), indent=2))
+    print(json.dumps(choose_postprocess(args.weights, args.n, label_rule=args.label_rule), indent=2))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class SynthGenerator:
         self.pileup_low_adc = float(pileup_low_adc)  # share of pile-ups with low ADC too; 0 = releases 1-4
         self.cortical = float(cortical)  # share of volumes with lesions in the cortical ribbon; 0 = releases 1-5
         self.label_rule = LABEL_RULES[label_rule]
+        self.label_rule_name = label_rule
         self.fov = tuple(fov)
         d = np.load(atlas_path)
         self.atlas = torch.from_numpy(d["tissue"].astype(np.float32) / 255.0)[None].to(self.device)
@@ -386,10 +387,10 @@ def add_generator_arguments(ap) -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=0.0, help=text + "; default 0")
 
 
-def generator_for(meta: dict, device="cpu") -> SynthGenerator:
+def generator_for(meta: dict, device="cpu", label_rule=None) -> SynthGenerator:
     """The generator that weights were trained with (label rule and ``GENERATOR_OPTIONS``), from their
-    sidecar ``meta``."""
-    return SynthGenerator(device, label_rule=meta.get("label_rule", "threshold"),
+    sidecar ``meta``; ``label_rule`` another rule of ``labels.py`` for the same images."""
+    return SynthGenerator(device, label_rule=label_rule or meta.get("label_rule", "threshold"),
                           **{k: meta.get(k, 0.0) for k in GENERATOR_OPTIONS})
 
 
