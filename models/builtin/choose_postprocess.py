@@ -100,13 +100,13 @@ def choose_postprocess(weights, n: int = 32, generator=None, label_rule: str = J
 
 
 def main(argv=None):
+    from .labels import LABEL_RULES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True)
     ap.add_argument("--n", type=int, default=32, help="synthetic volumes (default 32)")
-    from .labels import LABEL_RULES
-
-    ap.add_argument("--label-rule", default=JUDGE_LABELS, choices=sorted(LABEL_RULES), help="labels the masks are judged against "
-                    f"(models/builtin/labels.py; default {JUDGE_LABELS})")
+    ap.add_argument("--label-rule", default=JUDGE_LABELS, choices=sorted(LABEL_RULES),
+                    help=f"labels the masks are judged against (models/builtin/labels.py; default {JUDGE_LABELS})")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -7,8 +7,8 @@
 The figure every release decision in ``MODEL_CARD.md`` is based on: for each weights file, the plain mask
 (logit >= 0, i.e. probability >= 0.5 at any temperature, no post-processing) of
 ``BuiltinPredictor.logits_model_grid`` on ``SynthGenerator("cpu", label_rule="visible", **options)``
-``.sample_one(seed0 + i)`` (``--label-rule`` another label rule of ``labels.py``, same images) (options ``--sulci``, ``--texture``, ``--pileup-low-adc``, ``--cortical``, default 0:
-the generator of releases 1-4),
+``.sample_one(seed0 + i)`` (options ``--sulci``, ``--texture``, ``--pileup-low-adc``, ``--cortical``, default 0:
+the generator of releases 1-4; ``--label-rule`` scores against another rule of ``labels.py``, same images),
 ``i = 0 .. n - 1`` (default seeds: ``train.VAL_SEED0``), pooled over the volumes: Dice from summed overlaps,
 lesion-wise F1 from summed TP / FP / FN (26-connectivity), and ``score`` = their mean
 (``train.selection_score(..., "dice_f1")``), also unrounded (``score_unrounded``; 6 decimals in the table).

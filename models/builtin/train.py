@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .labels import LABEL_RULES
 from .loss import LesionWeightedDiceCE, shift_consistency
 from .network import DEFAULT_HPARAMS, build_network, count_parameters
 from .synth import GENERATOR_OPTIONS, SynthGenerator, add_generator_arguments
-from .labels import LABEL_RULES
 from .transforms import random_crop, shifted_pair_crop
 from .weights_file import WeightsIntegrityError, read_verified, write_weights
 
