@@ -70,11 +70,20 @@ def _mp_context() -> str:
     Forkserver workers never inherit a parent that already runs torch/OpenMP threads (a fork of such a
     process can deadlock, e.g. when the app is called from Python after using torch). It needs the
     multiprocessing resource tracker, which cannot start where the interpreter cannot re-execute
-    itself (seen as an unprivileged user with a Python under an unreadable folder): then fork.
+    itself (seen as an unprivileged user with a Python under an unreadable folder): then fork. That case
+    is told apart before any probe: a failed probe leaves semaphores registered with a resource tracker
+    that died, and their clean-up prints a traceback when the run exits.
     """
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import spawn
 
+    executable = spawn.get_executable()
+    if not os.access(executable, os.X_OK):
+        LOGGER.warning("multiprocessing forkserver unavailable (%s cannot be run again by this user); "
+                       "workers are forked", executable)
+        return "fork"
     try:  # a real round trip: the forkserver (reused by nipype's pool) and the resource tracker
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("forkserver")) as pool:
             pool.submit(abs, -1).result(timeout=120)

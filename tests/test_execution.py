@@ -40,3 +40,22 @@ def test_run_workflow_runs_nipype_inside_the_frozen_heap(monkeypatch):
     E._run_workflow(config, [], [], {})
     assert seen["plugin"] == "Linear" and seen["frozen"] > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_workers_are_forked_without_a_probe_when_python_cannot_be_run_again(monkeypatch, tmp_path):
+    """An interpreter this user cannot execute (e.g. under another user's 0700 home): fork at once. A
+    forkserver probe would leave semaphores with a dead resource tracker (a traceback at exit)."""
+    exe = tmp_path / "python"
+    exe.write_text("")
+    exe.chmod(0o644)  # no execute bit, for root too
+    monkeypatch.setattr("multiprocessing.spawn.get_executable", lambda: str(exe))
+    probes = []
+
+    def probe(*args, **kwargs):
+        probes.append(kwargs)
+        raise AssertionError("the forkserver was probed")
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", probe)
+    assert E._mp_context() == "fork" and not probes
+    monkeypatch.setattr("multiprocessing.spawn.get_executable", lambda: os.path.realpath(os.sys.executable))
+    assert E._mp_context() == "fork" and len(probes) == 1  # a runnable one is probed (here: a failing probe)
