@@ -1,6 +1,7 @@
 """bids_app/execution.py: the workflow runs with the start-up heap left out of garbage collection."""
 import gc
 import os
+import sys
 
 import pytest
 
@@ -57,5 +58,5 @@ def test_workers_are_forked_without_a_probe_when_python_cannot_be_run_again(monk
 
     monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", probe)
     assert E._mp_context() == "fork" and not probes
-    monkeypatch.setattr("multiprocessing.spawn.get_executable", lambda: os.path.realpath(os.sys.executable))
+    monkeypatch.setattr("multiprocessing.spawn.get_executable", lambda: os.path.realpath(sys.executable))
     assert E._mp_context() == "fork" and len(probes) == 1  # a runnable one is probed (here: a failing probe)
