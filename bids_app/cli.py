@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add faint lesions: components of lower probability, apart from the mask, that are "
                         "brighter on the trace and darker on the ADC than the tissue around them (auto: the "
                         "model's recommendation)")
+    m.add_argument("--mirror-check", choices=("on", "off"), default="off",
+                   help="lesions found by --detect-lesions must also be brighter on the trace than their "
+                        "mirror image across the midline (default off)")
     o = p.add_argument_group("other")
     o.add_argument("--stop-on-first-crash", action="store_true")
     o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")
@@ -163,6 +166,7 @@ def parse_config(argv) -> RunConfig:
         skull_strip=args.skull_strip,
         threshold=args.threshold, min_lesion_ml=args.min_lesion_ml, contrast_check=args.contrast_check,
         grow_lesions=args.grow_lesions, detect_lesions=args.detect_lesions,
+        mirror_check=args.mirror_check,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
         command_line=shlex.join([APP_NAME, *argv]),

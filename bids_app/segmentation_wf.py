@@ -47,7 +47,7 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
         seg = pe.Node(SegmentLesions(
             member=member, device=config.device, tta=config.tta, threshold=config.threshold,
             contrast_check=config.contrast_check, grow_lesions=config.grow_lesions,
-            detect_lesions=config.detect_lesions,
+            detect_lesions=config.detect_lesions, mirror_check=config.mirror_check,
             num_threads=config.omp_nthreads, seed=config.random_seed, use_gpu=use_gpu,
             reportlets_dir=reportlets,
             step_name="segment" if len(members) == 1 else f"segment_{member}"),

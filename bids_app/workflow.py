@@ -142,7 +142,8 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
         "EnsembleRule": "single member" if len(members) == 1 else "majority vote",
         # as requested; "auto" = what each model's weights recommend (the report says what was applied)
         "PostProcessing": {"MinLesionMl": config.min_lesion_ml, "ContrastCheck": config.contrast_check,
-                           "GrowLesions": config.grow_lesions, "DetectLesions": config.detect_lesions},
+                           "GrowLesions": config.grow_lesions, "DetectLesions": config.detect_lesions,
+                           "MirrorCheck": config.mirror_check},
     }
     prob_meta = {**mask_meta, "Type": "Lesion", "Description": "Lesion probability (ensemble mean)"}
     prob_meta.pop("Threshold")

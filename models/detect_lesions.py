@@ -7,11 +7,14 @@ them. ``detect_lesions`` adds to the mask every 26-connected component of
 - that holds no voxel of the mask already (those are for ``grow_lesions`` to extend), and
 - that passes the contrast check (``models/contrast_filter.py``, same thresholds and tissue shell:
   brighter on the trace and darker on the ADC than the tissue around it; the shell excludes the mask
-  and every candidate).
+  and every candidate), and
+- when ``mirror`` (``mirror_check.mirror_maps``' pair, or a function returning it, called only when
+  there are candidates) is given, the mirror check
+  (``models/mirror_check.py``: brighter than its partner across the midline by ``min_mirror_ratio``).
 
 Components of the mask are never removed or changed. Ratios are unit-free (any ADC unit, any trace
 scale) and every step is invariant to the storage order of the voxels. Returns ``(mask, rows)``, one
-row per candidate component: ``size``, ``dwi_ratio``, ``adc_ratio``, ``kept``.
+row per candidate component: ``size``, ``dwi_ratio``, ``adc_ratio``, ``mirror_ratio`` (with ``mirror``), ``kept``.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import numpy as np
 from scipy import ndimage
 
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
+from models.mirror_check import MIRROR_RATIO, mirror_filter
 from models.postprocess import STRUCTURE_26
 
 DETECT_LOW = 0.1
 
 
 def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi_ratio: float = MIN_DWI_RATIO,
-                   max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2):
+                   max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, mirror=None,
+                   min_mirror_ratio: float = MIRROR_RATIO):
     mask = np.asarray(mask) > 0
     brain = np.asarray(brain) > 0
     cand, _ = ndimage.label((np.asarray(prob) >= low) & brain & ~mask, structure=STRUCTURE_26)
@@ -36,4 +41,11 @@ def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi
     if not new.any():
         return mask.astype(np.uint8), []
     kept, rows = contrast_filter(new, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell, exclude=mask)
+    if mirror is not None:  # components in the same label order: both label ``new`` in the same scan
+        _, mrows = mirror_filter(new, dwi, *(mirror() if callable(mirror) else mirror), min_mirror_ratio)
+        for row, mrow in zip(rows, mrows):
+            row["mirror_ratio"] = mrow["mirror_ratio"]
+            row["kept"] = bool(row["kept"] and mrow["kept"])
+        lab, _ = ndimage.label(new, structure=STRUCTURE_26)
+        kept = np.isin(lab, [i for i, row in enumerate(rows, start=1) if row["kept"]])
     return (mask | (kept > 0)).astype(np.uint8), rows

@@ -12,7 +12,9 @@ trace and darker on the ADC than the tissue around them (``models/contrast_filte
 growth is on (``grow_lesions``; ``auto`` likewise), each kept component takes in the connected voxels
 of probability >= ``grow_low`` that pass the same contrast test (``models/grow_lesions.py``). Before
 the growth, when detection is on (``detect_lesions``; ``auto`` likewise), components of probability
->= ``detect_low`` apart from the mask that pass the contrast test join it (``models/detect_lesions.py``).
+>= ``detect_low`` apart from the mask that pass the contrast test join it (``models/detect_lesions.py``),
+and, when ``mirror_check`` is on, only those brighter than their mirror partners across the midline
+(``models/mirror_check.py``).
 The probability map is kept as the member returned it, clipped to [0, 1].
 """
 
@@ -30,6 +32,7 @@ from models import registry
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
 from models.detect_lesions import DETECT_LOW, detect_lesions
 from models.grow_lesions import GROW_LOW, grow_lesions
+from models.mirror_check import MIRROR_RATIO, mirror_maps
 from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
@@ -150,6 +153,10 @@ class _SegmentInputSpec(DecisionInputSpec):
                                       "that pass the contrast test; auto = the member's recommendation")
     detect_low = traits.Range(0.0, 1.0, desc="threshold of the detection; default: the member's "
                                              f"recommendation, else {DETECT_LOW}")
+    mirror_check = traits.Enum("off", "on", usedefault=True,
+                               desc="detected components must also be brighter on the trace than their "
+                                    "mirror partners across the midline")
+    mirror_ratio = traits.Range(1.0, 10.0, desc=f"least trace ratio to the mirror partner (default {MIRROR_RATIO})")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -250,7 +257,14 @@ class SegmentLesions(DecisionInterface):
         n_failed = self._contrast_check(mask, check, brain, loaded)
         detect, detect_low = _on_off_auto(self.inputs.detect_lesions, self.inputs.detect_low,
                                           getattr(predictor, "recommended_detect_low", None), DETECT_LOW)
-        n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded)
+        # the mirror check acts on the detected components only (opt-in, stage AD in MODEL_CARD.md)
+        mirror = self.inputs.mirror_check if detect == "on" else "off"
+        if self.inputs.mirror_check == "on" and detect != "on":
+            self.decide("Mirror check requested but lesion detection is off: it checks detected lesions only.",
+                        "warning")
+        mirror_ratio = float(self.inputs.mirror_ratio) if isdefined(self.inputs.mirror_ratio) else MIRROR_RATIO
+        n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded,
+                                  mirror_ratio if mirror == "on" else None, ref.affine)
         grow, low = _on_off_auto(self.inputs.grow_lesions, self.inputs.grow_low,
                                  getattr(predictor, "recommended_grow_low", None), GROW_LOW)
         n_added = self._grow(mask, prob, grow, low, brain, loaded)
@@ -281,7 +295,8 @@ class SegmentLesions(DecisionInterface):
             "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
             "contrast_check": check, "components_failing_contrast_check": n_failed,
             "detect_lesions": detect, "detect_low": detect_low if detect == "on" else None,
-            "components_detected": n_detected,
+            "components_detected": n_detected, "mirror_check": mirror,
+            "mirror_ratio": mirror_ratio if mirror == "on" else None,
             "grow_lesions": grow, "grow_low": low if grow == "on" else None, "voxels_added_by_growth": n_added,
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
@@ -319,17 +334,24 @@ class SegmentLesions(DecisionInterface):
                     f"{MIN_DWI_RATIO:g} x or ADC over {MAX_ADC_RATIO:g} x the tissue around them).")
         return n_failed
 
-    def _detect(self, mask, prob, detect, low, brain, loaded) -> int:
-        """Apply ``detect_lesions`` in place; number of components added."""
+    def _detect(self, mask, prob, detect, low, brain, loaded, mirror_ratio=None, affine=None) -> int:
+        """Apply ``detect_lesions`` in place (with the mirror check when ``mirror_ratio`` is given);
+        number of components added."""
         if detect != "on":
             return 0
         trace, adc = self._contrast_pair(loaded)
-        found, rows = detect_lesions(mask, prob, trace, adc, trace > 0 if brain is None else brain, low)
+        brain = trace > 0 if brain is None else brain
+        kwargs = {}
+        if mirror_ratio is not None:
+            kwargs = {"mirror": lambda: mirror_maps(trace, brain, affine), "min_mirror_ratio": mirror_ratio}
+        found, rows = detect_lesions(mask, prob, trace, adc, brain, low, **kwargs)
         added = sum(r["kept"] for r in rows)
         mask[...] = found
+        mirror_text = (f" and >= {mirror_ratio:g} x their mirror partners across the midline"
+                       if mirror_ratio is not None else "")
         self.decide(f"Lesion detection: {added} of {len(rows)} component(s) of probability >= {low:g} "
                     f"apart from the mask added (trace >= {MIN_DWI_RATIO:g} x and ADC <= "
-                    f"{MAX_ADC_RATIO:g} x the tissue around them).")
+                    f"{MAX_ADC_RATIO:g} x the tissue around them{mirror_text}).")
         return added
 
     def _grow(self, mask, prob, grow, low, brain, loaded) -> int:

@@ -200,9 +200,22 @@ def test_detect_lesions_on_off_auto_and_low(grow_run):
     run = grow_run
     n, dec = run("off", detect_lesions="off")
     assert n == 101 and dec["values"]["components_detected"] == 0 and dec["values"]["detect_low"] is None
+    assert dec["values"]["mirror_check"] == "off" and dec["values"]["mirror_ratio"] is None
     n, dec = run("on", detect_lesions="on")  # the patch apart joins; the rim touching the lesion does not
     assert n == 109 and dec["values"]["components_detected"] == 1 and dec["values"]["detect_low"] == 0.1
     assert any("Lesion detection: 1 of 1 component(s) of probability >= 0.1" in i["text"] for i in dec["items"])
+    assert dec["values"]["mirror_check"] == "off" and not any("mirror" in i["text"] for i in dec["items"])
+    n, dec = run("mirror", detect_lesions="on", mirror_check="on")  # the patch is one-sided: it stays
+    assert n == 109 and dec["values"]["mirror_check"] == "on" and dec["values"]["mirror_ratio"] == 1.3
+    assert any("their mirror partners across the midline" in i["text"] for i in dec["items"])
+    # the patch lies at the grid's edge: its mirror partner falls outside the brain, so no ratio can
+    # remove it (models/mirror_check.py keeps unpaired components)
+    n, dec = run("strict", detect_lesions="on", mirror_check="on", mirror_ratio=9.0)
+    assert n == 109 and dec["values"]["mirror_ratio"] == 9.0
+    n, dec = run("nodetect", mirror_check="on")  # nothing to check without the detection
+    assert n == 101 and dec["values"]["mirror_check"] == "off" and dec["values"]["mirror_ratio"] is None
+    assert any("Mirror check requested but lesion detection is off" in i["text"] for i in dec["items"])
+    assert not any("mirror" in i["text"] for i in dec["items"])
     assert run("both", detect_lesions="on", grow_lesions="on")[0] == 129  # then growth takes the rim
     n, dec = run("auto")  # the stand-in recommends nothing: off
     assert n == 101 and dec["values"]["detect_lesions"] == "off"
