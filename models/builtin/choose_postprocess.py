@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 POST_SEED0 = 970_000_000
-GROW_LOWS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
+GROW_LOWS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 JUDGE_LABELS = "rim"  # what experts outline (MODEL_CARD.md, stage AC)
 
 
