@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
-from models.mirror_check import MIRROR_RATIO, mirror_filter
+from models.mirror_check import DETECT_MIRROR_RATIO, mirror_filter
 from models.postprocess import STRUCTURE_26
 
 DETECT_LOW = 0.1
@@ -31,7 +31,7 @@ DETECT_LOW = 0.1
 
 def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi_ratio: float = MIN_DWI_RATIO,
                    max_adc_ratio: float = MAX_ADC_RATIO, shell: int = 2, mirror=None,
-                   min_mirror_ratio: float = MIRROR_RATIO):
+                   min_mirror_ratio: float = DETECT_MIRROR_RATIO):
     mask = np.asarray(mask) > 0
     brain = np.asarray(brain) > 0
     cand, _ = ndimage.label((np.asarray(prob) >= low) & brain & ~mask, structure=STRUCTURE_26)

@@ -5,16 +5,14 @@ so a MultiProc worker that segments several sessions loads the network only once
 the flag nipype's MultiProc reads (``Node.is_gpu_node``) to count this node against
 ``n_gpu_procs``; set it with :func:`wants_gpu` when the workflow is built.
 
-Post-processing is done here, the same for every member: ``mask = prob >= threshold``, then
-26-connected components smaller than ``min_lesion_ml`` are removed, then, when the contrast check is on
-(``contrast_check``; ``auto`` = the member's recommendation), components that are not brighter on the
-trace and darker on the ADC than the tissue around them (``models/contrast_filter.py``), then, when
-growth is on (``grow_lesions``; ``auto`` likewise), each kept component takes in the connected voxels
-of probability >= ``grow_low`` that pass the same contrast test (``models/grow_lesions.py``). Before
-the growth, when detection is on (``detect_lesions``; ``auto`` likewise), components of probability
->= ``detect_low`` apart from the mask that pass the contrast test join it (``models/detect_lesions.py``),
-and, when ``mirror_check`` is on, only those brighter than their mirror partners across the midline
-(``models/mirror_check.py``).
+Post-processing, the same for every member, in this order (each ``auto`` = the member's recommendation):
+``mask = prob >= threshold``; components under ``min_lesion_ml`` removed; the contrast check
+(``contrast_check``: brighter trace and darker ADC than the tissue around, ``models/contrast_filter.py``);
+the mirror check (``mirror_check``: trace >= ``mirror_ratio`` x the mirror partner across the midline,
+``models/mirror_check.py``); detection (``detect_lesions``: components of probability >= ``detect_low``
+apart from the mask that pass the contrast test, and 1.3 x their partners with the mirror check on,
+``models/detect_lesions.py``); growth (``grow_lesions``: connected voxels of probability >= ``grow_low``
+that pass the contrast test, ``models/grow_lesions.py``).
 The probability map is kept as the member returned it, clipped to [0, 1].
 """
 
@@ -32,7 +30,7 @@ from models import registry
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
 from models.detect_lesions import DETECT_LOW, detect_lesions
 from models.grow_lesions import GROW_LOW, grow_lesions
-from models.mirror_check import MIRROR_RATIO, mirror_maps
+from models.mirror_check import DETECT_MIRROR_RATIO, MASK_MIRROR_RATIO, mirror_filter, mirror_maps
 from models.postprocess import postprocess
 from nodes.base import (
     DecisionInputSpec,
@@ -153,10 +151,12 @@ class _SegmentInputSpec(DecisionInputSpec):
                                       "that pass the contrast test; auto = the member's recommendation")
     detect_low = traits.Range(0.0, 1.0, desc="threshold of the detection; default: the member's "
                                              f"recommendation, else {DETECT_LOW}")
-    mirror_check = traits.Enum("off", "on", usedefault=True,
-                               desc="detected components must also be brighter on the trace than their "
-                                    "mirror partners across the midline")
-    mirror_ratio = traits.Range(1.0, 10.0, desc=f"least trace ratio to the mirror partner (default {MIRROR_RATIO})")
+    mirror_check = traits.Enum("auto", "on", "off", usedefault=True,
+                               desc="drop components not brighter on the trace than their mirror partners "
+                                    "across the midline by mirror_ratio (detected ones: by "
+                                    f"{DETECT_MIRROR_RATIO}); auto = the member's recommendation")
+    mirror_ratio = traits.Range(1.0, 10.0, desc="least trace ratio of a mask component to its mirror partner; "
+                                                f"default: the member's recommendation, else {MASK_MIRROR_RATIO}")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -255,16 +255,12 @@ class SegmentLesions(DecisionInterface):
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
         loaded = dict(zip(spec.inputs, (im for _, im in images)))
         n_failed = self._contrast_check(mask, check, brain, loaded)
+        mirror, mirror_ratio = _on_off_auto(self.inputs.mirror_check, self.inputs.mirror_ratio,
+                                            getattr(predictor, "recommended_mirror_ratio", None), MASK_MIRROR_RATIO)
+        n_mirrored = self._mirror_check(mask, mirror, mirror_ratio, brain, loaded, ref.affine)
         detect, detect_low = _on_off_auto(self.inputs.detect_lesions, self.inputs.detect_low,
                                           getattr(predictor, "recommended_detect_low", None), DETECT_LOW)
-        # the mirror check acts on the detected components only (opt-in, stage AD in MODEL_CARD.md)
-        mirror = self.inputs.mirror_check if detect == "on" else "off"
-        if self.inputs.mirror_check == "on" and detect != "on":
-            self.decide("Mirror check requested but lesion detection is off: it checks detected lesions only.",
-                        "warning")
-        mirror_ratio = float(self.inputs.mirror_ratio) if isdefined(self.inputs.mirror_ratio) else MIRROR_RATIO
-        n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded,
-                                  mirror_ratio if mirror == "on" else None, ref.affine)
+        n_detected = self._detect(mask, prob, detect, detect_low, brain, loaded, mirror == "on", ref.affine)
         grow, low = _on_off_auto(self.inputs.grow_lesions, self.inputs.grow_low,
                                  getattr(predictor, "recommended_grow_low", None), GROW_LOW)
         n_added = self._grow(mask, prob, grow, low, brain, loaded)
@@ -297,6 +293,7 @@ class SegmentLesions(DecisionInterface):
             "detect_lesions": detect, "detect_low": detect_low if detect == "on" else None,
             "components_detected": n_detected, "mirror_check": mirror,
             "mirror_ratio": mirror_ratio if mirror == "on" else None,
+            "components_failing_mirror_check": n_mirrored,
             "grow_lesions": grow, "grow_low": low if grow == "on" else None, "voxels_added_by_growth": n_added,
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
@@ -334,21 +331,40 @@ class SegmentLesions(DecisionInterface):
                     f"{MIN_DWI_RATIO:g} x or ADC over {MAX_ADC_RATIO:g} x the tissue around them).")
         return n_failed
 
-    def _detect(self, mask, prob, detect, low, brain, loaded, mirror_ratio=None, affine=None) -> int:
-        """Apply ``detect_lesions`` in place (with the mirror check when ``mirror_ratio`` is given);
-        number of components added."""
+    def _mirror_maps(self, brain, loaded, affine):
+        """``mirror_check.mirror_maps`` of the contrast pair's trace, computed once per run."""
+        if "mirror_maps" not in loaded:
+            trace = self._contrast_pair(loaded)[0]
+            loaded["mirror_maps"] = mirror_maps(trace, trace > 0 if brain is None else brain, affine)
+        return loaded["mirror_maps"]
+
+    def _mirror_check(self, mask, mirror, ratio, brain, loaded, affine) -> int:
+        """Apply ``mirror_filter`` to the mask's components in place; number removed."""
+        if mirror != "on" or not mask.any():
+            return 0
+        maps = self._mirror_maps(brain, loaded, affine)
+        kept, rows = mirror_filter(mask, self._contrast_pair(loaded)[0], *maps, ratio)
+        n_failed = sum(not r["kept"] for r in rows)
+        mask[...] = kept
+        self.decide(f"Mirror check: {n_failed} of {len(rows)} component(s) removed (trace under {ratio:g} x "
+                    "their mirror partners across the midline).")
+        return n_failed
+
+    def _detect(self, mask, prob, detect, low, brain, loaded, mirror=False, affine=None) -> int:
+        """Apply ``detect_lesions`` in place (with the mirror check at ``DETECT_MIRROR_RATIO`` when
+        ``mirror``); number of components added."""
         if detect != "on":
             return 0
         trace, adc = self._contrast_pair(loaded)
         brain = trace > 0 if brain is None else brain
         kwargs = {}
-        if mirror_ratio is not None:
-            kwargs = {"mirror": lambda: mirror_maps(trace, brain, affine), "min_mirror_ratio": mirror_ratio}
+        if mirror:
+            kwargs = {"mirror": lambda: self._mirror_maps(brain, loaded, affine),
+                      "min_mirror_ratio": DETECT_MIRROR_RATIO}
         found, rows = detect_lesions(mask, prob, trace, adc, brain, low, **kwargs)
         added = sum(r["kept"] for r in rows)
         mask[...] = found
-        mirror_text = (f" and >= {mirror_ratio:g} x their mirror partners across the midline"
-                       if mirror_ratio is not None else "")
+        mirror_text = f" and >= {DETECT_MIRROR_RATIO:g} x their mirror partners" if mirror else ""
         self.decide(f"Lesion detection: {added} of {len(rows)} component(s) of probability >= {low:g} "
                     f"apart from the mask added (trace >= {MIN_DWI_RATIO:g} x and ADC <= "
                     f"{MAX_ADC_RATIO:g} x the tissue around them{mirror_text}).")

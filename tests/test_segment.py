@@ -206,22 +206,45 @@ def test_detect_lesions_on_off_auto_and_low(grow_run):
     assert any("Lesion detection: 1 of 1 component(s) of probability >= 0.1" in i["text"] for i in dec["items"])
     assert dec["values"]["mirror_check"] == "off" and not any("mirror" in i["text"] for i in dec["items"])
     n, dec = run("mirror", detect_lesions="on", mirror_check="on")  # the patch is one-sided: it stays
-    assert n == 109 and dec["values"]["mirror_check"] == "on" and dec["values"]["mirror_ratio"] == 1.3
-    assert any("their mirror partners across the midline" in i["text"] for i in dec["items"])
-    # the patch lies at the grid's edge: its mirror partner falls outside the brain, so no ratio can
-    # remove it (models/mirror_check.py keeps unpaired components)
-    n, dec = run("strict", detect_lesions="on", mirror_check="on", mirror_ratio=9.0)
-    assert n == 109 and dec["values"]["mirror_ratio"] == 9.0
-    n, dec = run("nodetect", mirror_check="on")  # nothing to check without the detection
-    assert n == 101 and dec["values"]["mirror_check"] == "off" and dec["values"]["mirror_ratio"] is None
-    assert any("Mirror check requested but lesion detection is off" in i["text"] for i in dec["items"])
-    assert not any("mirror" in i["text"] for i in dec["items"])
+    assert n == 109 and dec["values"]["mirror_check"] == "on" and dec["values"]["mirror_ratio"] == 1.05
+    assert any("and >= 1.3 x their mirror partners" in i["text"] for i in dec["items"])
     assert run("both", detect_lesions="on", grow_lesions="on")[0] == 129  # then growth takes the rim
     n, dec = run("auto")  # the stand-in recommends nothing: off
     assert n == 101 and dec["values"]["detect_lesions"] == "off"
     S.get_predictor("growin", None, "cpu").recommended_detect_low = 0.3
     assert run("auto2")[0] == 109
     assert run("low", detect_low=0.4)[0] == 101  # the patch's 0.35 is under the threshold
+
+
+def test_mirror_check_on_off_auto_and_ratio(tmp_path, standin):
+    """Two restricted lesions mirror images of each other across the grid's midline and one on one side
+    (the stand-in finds all three): the mirror check removes the pair."""
+    shape = (24, 20, 14)
+    dwi, adc = np.ones(shape, np.float32), np.full(shape, 0.8, np.float32)
+    for sl in ((slice(4, 7), slice(5, 8), slice(5, 8)), (slice(17, 20), slice(5, 8), slice(5, 8)),  # the pair
+               (slice(15, 18), slice(12, 16), slice(4, 7))):                                     # one-sided
+        dwi[sl], adc[sl] = 3.0, 0.4
+    files = {}
+    for name, data in (("dwi", dwi), ("adc", adc)):
+        files[name] = tmp_path / f"{name}m.nii.gz"
+        nib.save(nib.Nifti1Image(data, AFFINE), files[name])
+
+    def run(sub, **kw):
+        out = _run(tmp_path, files, sub, **kw)
+        return int(np.asanyarray(nib.load(out.mask_file).dataobj).sum()), out.decisions
+
+    n, dec = run("auto")  # the stand-in recommends nothing: off
+    assert n == 27 + 27 + 36 and dec["values"]["mirror_check"] == "off"
+    assert dec["values"]["components_failing_mirror_check"] == 0
+    n, dec = run("on", mirror_check="on")
+    assert n == 36 and dec["values"]["components_failing_mirror_check"] == 2
+    assert dec["values"]["mirror_ratio"] == 1.05
+    assert any("Mirror check: 2 of 3 component(s) removed" in i["text"] for i in dec["items"])
+    assert run("strict", mirror_check="on", mirror_ratio=5.0)[0] == 0  # 3.0 against 1.0 across: under 5x
+    S.get_predictor("standin", None, "cpu").recommended_mirror_ratio = 1.1
+    n, dec = run("auto2")
+    assert n == 36 and dec["values"]["mirror_ratio"] == 1.1
+    assert run("off", mirror_check="off")[0] == 90
 
 
 def test_threshold_above_probability_gives_empty_mask_with_warning(tmp_path, inputs, standin):
