@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add faint lesions: components of lower probability, apart from the mask, that are "
                         "brighter on the trace and darker on the ADC than the tissue around them (auto: the "
                         "model's recommendation)")
-    m.add_argument("--mirror-check", choices=("auto", "on", "off"), default="auto",
-                   help="remove lesion components not brighter on the trace than their mirror image across the "
-                        "midline (auto: the model's recommendation); lesions found by --detect-lesions must be "
-                        "1.3x as bright")
+    m.add_argument("--mirror-check", choices=("on", "off"), default="off",
+                   help="remove lesion components not 1.05x as bright on the trace as their mirror image across "
+                        "the midline (bilateral pairs are kept); lesions found by --detect-lesions must be 1.3x "
+                        "as bright (default off)")
     o = p.add_argument_group("other")
     o.add_argument("--stop-on-first-crash", action="store_true")
     o.add_argument("--reports-only", action="store_true", help="only (re)write the reports")

@@ -53,7 +53,7 @@ class RunConfig:
     contrast_check: str = "auto"  # auto: the model's recommendation; on; off
     grow_lesions: str = "auto"  # auto: the model's recommendation; on; off
     detect_lesions: str = "auto"  # auto: the model's recommendation; on; off
-    mirror_check: str = "auto"  # auto: the model's recommendation; on; off
+    mirror_check: str = "off"  # on: drop components not brighter than their mirror images
     stop_on_first_crash: bool = False
     reports_only: bool = False
     random_seed: int = 0

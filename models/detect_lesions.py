@@ -42,7 +42,8 @@ def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi
         return mask.astype(np.uint8), []
     kept, rows = contrast_filter(new, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell, exclude=mask)
     if mirror is not None:  # components in the same label order: both label ``new`` in the same scan
-        _, mrows = mirror_filter(new, dwi, *(mirror() if callable(mirror) else mirror), min_mirror_ratio)
+        _, mrows = mirror_filter(new, dwi, *(mirror() if callable(mirror) else mirror), min_mirror_ratio,
+                                 lesions=mask | new)
         for row, mrow in zip(rows, mrows):
             row["mirror_ratio"] = mrow["mirror_ratio"]
             row["kept"] = bool(row["kept"] and mrow["kept"])

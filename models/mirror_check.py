@@ -10,8 +10,10 @@ partner is.
 
 ``mirror_filter`` keeps a 26-connected component when trace p75 in it / the median partner trace over
 its paired voxels (partner in the brain and outside the component) >= ``min_ratio``; a component with
-under half its voxels paired (at the edge of the field of view, or across the midline) is kept. One
-row per component: ``size``, ``mirror_ratio`` (``None`` when unpaired), ``kept``.
+under half its voxels paired (at the edge of the field of view, or across the midline) is kept, and so
+is one whose partners lie at least half in another lesion (bilateral infarcts, e.g. both thalami: the
+dimmer side is not removed for being dimmer than its twin). One row per component: ``size``,
+``mirror_ratio`` (``None`` when unpaired or bilateral), ``bilateral``, ``kept``.
 
 Storage order does not matter: the maps are computed in the canonical (RAS) voxel order, by exact
 permutations and flips, on a grid of the image's voxel sizes, and brought back the same way.
@@ -150,9 +152,12 @@ def mirror_maps(trace, brain, affine):
     return canon(partner, from_ras).astype(np.float32), canon(partner_index, from_ras).astype(np.int64)
 
 
-def mirror_filter(mask, trace, partner, partner_index, min_ratio: float = MASK_MIRROR_RATIO, q: float = 75.0):
-    """Remove the components of ``mask`` not brighter than their mirror partners; ``(mask, rows)``."""
+def mirror_filter(mask, trace, partner, partner_index, min_ratio: float = MASK_MIRROR_RATIO, q: float = 75.0,
+                  lesions=None):
+    """Remove the components of ``mask`` not brighter than their mirror partners; ``(mask, rows)``.
+    ``lesions`` (default ``mask``): what counts as a lesion on the other side."""
     mask = np.asarray(mask) > 0
+    lesions = mask if lesions is None else np.asarray(lesions) > 0
     trace = np.asarray(trace, dtype=np.float64)
     lab, _ = ndimage.label(mask, structure=STRUCTURE_26)
     out = mask.copy()
@@ -164,8 +169,10 @@ def mirror_filter(mask, trace, partner, partner_index, min_ratio: float = MASK_M
         # midline, or one the registration laid onto itself, is not compared with itself)
         both = comp & (pidx >= 0)
         both[both] = lab.ravel()[pidx[both]] != i
-        row = {"size": int(comp.sum()), "mirror_ratio": None, "kept": True}
-        if both.sum() >= MIN_PAIRED * comp.sum():
+        row = {"size": int(comp.sum()), "mirror_ratio": None, "bilateral": False, "kept": True}
+        # a pair of lesions, one on each side (bilateral infarcts): the dimmer one is not removed
+        row["bilateral"] = bool(both.any() and lesions.ravel()[pidx[both]].mean() >= MIN_PAIRED)
+        if both.sum() >= MIN_PAIRED * comp.sum() and not row["bilateral"]:
             ref = float(np.median(partner[sl][both]))
             row["mirror_ratio"] = float(np.percentile(trace[sl][comp], q) / ref) if ref > 0 else float("inf")
             row["kept"] = row["mirror_ratio"] >= min_ratio

@@ -5,11 +5,11 @@ so a MultiProc worker that segments several sessions loads the network only once
 the flag nipype's MultiProc reads (``Node.is_gpu_node``) to count this node against
 ``n_gpu_procs``; set it with :func:`wants_gpu` when the workflow is built.
 
-Post-processing, the same for every member, in this order (each ``auto`` = the member's recommendation):
+Post-processing, the same for every member, in this order (``auto`` = the member's recommendation):
 ``mask = prob >= threshold``; components under ``min_lesion_ml`` removed; the contrast check
 (``contrast_check``: brighter trace and darker ADC than the tissue around, ``models/contrast_filter.py``);
-the mirror check (``mirror_check``: trace >= ``mirror_ratio`` x the mirror partner across the midline,
-``models/mirror_check.py``); detection (``detect_lesions``: components of probability >= ``detect_low``
+the mirror check (``mirror_check``, off by default: trace >= ``mirror_ratio`` x the mirror partner across
+the midline, ``models/mirror_check.py``); detection (``detect_lesions``: components of probability >= ``detect_low``
 apart from the mask that pass the contrast test, and 1.3 x their partners with the mirror check on,
 ``models/detect_lesions.py``); growth (``grow_lesions``: connected voxels of probability >= ``grow_low``
 that pass the contrast test, ``models/grow_lesions.py``).
@@ -151,12 +151,11 @@ class _SegmentInputSpec(DecisionInputSpec):
                                       "that pass the contrast test; auto = the member's recommendation")
     detect_low = traits.Range(0.0, 1.0, desc="threshold of the detection; default: the member's "
                                              f"recommendation, else {DETECT_LOW}")
-    mirror_check = traits.Enum("auto", "on", "off", usedefault=True,
+    mirror_check = traits.Enum("off", "on", usedefault=True,
                                desc="drop components not brighter on the trace than their mirror partners "
-                                    "across the midline by mirror_ratio (detected ones: by "
-                                    f"{DETECT_MIRROR_RATIO}); auto = the member's recommendation")
-    mirror_ratio = traits.Range(1.0, 10.0, desc="least trace ratio of a mask component to its mirror partner; "
-                                                f"default: the member's recommendation, else {MASK_MIRROR_RATIO}")
+                                    f"across the midline by mirror_ratio (detected ones: by {DETECT_MIRROR_RATIO})")
+    mirror_ratio = traits.Range(1.0, 10.0, MASK_MIRROR_RATIO, usedefault=True,
+                                desc="least trace ratio of a mask component to its mirror partner")
     # scheduling only (results are identical for any thread count): kept out of the node hash so that
     # a run resumed with another --nprocs/--omp-nthreads reuses the finished segmentations
     num_threads = traits.Int(0, usedefault=True, nohash=True,
@@ -255,8 +254,7 @@ class SegmentLesions(DecisionInterface):
             check = "on" if getattr(predictor, "recommended_contrast_check", False) else "off"
         loaded = dict(zip(spec.inputs, (im for _, im in images)))
         n_failed = self._contrast_check(mask, check, brain, loaded)
-        mirror, mirror_ratio = _on_off_auto(self.inputs.mirror_check, self.inputs.mirror_ratio,
-                                            getattr(predictor, "recommended_mirror_ratio", None), MASK_MIRROR_RATIO)
+        mirror, mirror_ratio = self.inputs.mirror_check, float(self.inputs.mirror_ratio)
         n_mirrored = self._mirror_check(mask, mirror, mirror_ratio, brain, loaded, ref.affine)
         detect, detect_low = _on_off_auto(self.inputs.detect_lesions, self.inputs.detect_low,
                                           getattr(predictor, "recommended_detect_low", None), DETECT_LOW)

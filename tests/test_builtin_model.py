@@ -389,19 +389,13 @@ def test_predictor_postprocessing_recommendation_from_sidecar(tmp_path):
     w = _write_weights(tmp_path)
     none = P.BuiltinPredictor(w)
     assert none.recommended_grow_low is None and none.recommended_detect_low is None
-    assert none.recommended_mirror_ratio is None
     meta = json.loads((tmp_path / "w.json").read_text())
-    post = {"contrast_check": True, "grow_lesions": True, "grow_low": 0.3, "detect_lesions": True, "detect_low": 0.15,
-            "mirror_check": True, "mirror_ratio": 1.1}
+    post = {"contrast_check": True, "grow_lesions": True, "grow_low": 0.3, "detect_lesions": True, "detect_low": 0.15}
     (tmp_path / "w.json").write_text(json.dumps(dict(meta, postprocess=post)))
     rec = P.BuiltinPredictor(w)
     assert rec.recommended_contrast_check is True and rec.recommended_grow_low == 0.3
-    assert rec.recommended_detect_low == 0.15 and rec.recommended_mirror_ratio == 1.1
-    (tmp_path / "w.json").write_text(json.dumps(dict(meta, postprocess=dict(post, mirror_check=False))))
-    assert P.BuiltinPredictor(w).recommended_mirror_ratio is None
+    assert rec.recommended_detect_low == 0.15
     (tmp_path / "w.json").write_text(json.dumps(dict(meta, postprocess=dict(post, detect_lesions=False))))
     assert P.BuiltinPredictor(w).recommended_detect_low is None
     # the shipped weights recommend no detection (stage Z: it lowered the real case's Dice; model card)
     assert P.BuiltinPredictor().recommended_detect_low is None
-    # and the mirror check at 1.05 (stage AG)
-    assert P.BuiltinPredictor().recommended_mirror_ratio == 1.05

@@ -21,11 +21,6 @@ def _results(none, check, grow_none, grow_check):
     for low in C.GROW_LOWS:
         out[f"none+grow{low:g}"] = _r(*grow_none.get(low, (none[0] - 0.1, none[1] - 0.1)))
         out[f"check+grow{low:g}"] = _r(*grow_check.get(low, (check[0] - 0.1, check[1] - 0.1)))
-    for key in list(out):  # the mirror check lowers both figures unless a test says so
-        base, _, grow = key.partition("+")
-        for ratio in C.MIRROR_RATIOS:
-            out[f"{base}+mirror{ratio:g}" + (f"+{grow}" if grow else "")] = _r(out[key]["dice"] - 0.01,
-                                                                               out[key]["lesion_f1"] - 0.01)
     return out
 
 
@@ -38,33 +33,16 @@ def test_rule_check_then_best_growth_that_lowers_nothing():
     res = _results((0.50, 0.60), (0.52, 0.60),
                    {low: (0.9, 0.9) for low in C.GROW_LOWS},       # never looked at: the check is on
                    {0.2: (0.55, 0.59), 0.3: (0.54, 0.61), 0.4: (0.53, 0.62)})  # 0.2 lowers F1; 0.3, 0.4 tie
-    assert C.choose(res) == {"contrast_check": True, "grow_lesions": True, "grow_low": 0.3,
-                             "mirror_check": False, "mirror_ratio": None}
+    assert C.choose(res) == {"contrast_check": True, "grow_lesions": True, "grow_low": 0.3}
     res["check+grow0.05"] = _r(0.60, 0.61)  # a lower level with a better mean wins
-    assert C.choose(res) == {"contrast_check": True, "grow_lesions": True, "grow_low": 0.05,
-                             "mirror_check": False, "mirror_ratio": None}
+    assert C.choose(res) == {"contrast_check": True, "grow_lesions": True, "grow_low": 0.05}
 
 
 def test_rule_check_off_when_it_lowers_f1_and_growth_off_when_all_lower():
     res = _results((0.50, 0.60), (0.55, 0.59),
                    {0.05: (0.49, 0.70), 0.2: (0.49, 0.70), 0.3: (0.51, 0.59), 0.4: (0.50, 0.599)},
                    {low: (0.9, 0.9) for low in C.GROW_LOWS})
-    assert C.choose(res) == {"contrast_check": False, "grow_lesions": False, "grow_low": None,
-                             "mirror_check": False, "mirror_ratio": None}
-
-
-def test_rule_then_picks_the_mirror_ratio_of_the_chosen_setting():
-    res = _results((0.50, 0.60), (0.55, 0.59), {0.2: (0.52, 0.61)}, {})
-    assert C.choose(res)["grow_low"] == 0.2 and not C.choose(res)["mirror_check"]
-    res["none+mirror1.2+grow0.2"] = _r(0.53, 0.61)   # better mean, lowers nothing: chosen
-    res["none+mirror1.1+grow0.2"] = _r(0.56, 0.605)  # best mean but lowers F1: not eligible
-    res["check+mirror1.05+grow0.2"] = _r(0.9, 0.9)   # the check is off: never looked at
-    assert C.choose(res) == {"contrast_check": False, "grow_lesions": True, "grow_low": 0.2,
-                             "mirror_check": True, "mirror_ratio": 1.2}
-    res["none+mirror1.05+grow0.2"] = _r(0.53, 0.61)  # a tie goes to the lower ratio
-    assert C.choose(res)["mirror_ratio"] == 1.05
-    old = {k: v for k, v in res.items() if "mirror" not in k}  # a record made before stage AG
-    assert C.choose(old)["mirror_check"] is False
+    assert C.choose(res) == {"contrast_check": False, "grow_lesions": False, "grow_low": None}
 
 
 def test_records_the_choice_in_the_sidecar_without_touching_the_weights(tmp_path):
@@ -75,23 +53,21 @@ def test_records_the_choice_in_the_sidecar_without_touching_the_weights(tmp_path
     rec = C.choose_postprocess(tmp_path / "w.pt", n=1)
     side = json.loads((tmp_path / "w.json").read_text())
     assert side["postprocess"] == json.loads(json.dumps(rec)) and side["calibration"] == calibration
-    bases = {"none", "check"} | {f"{b}+mirror{r:g}" for b in ("none", "check") for r in C.MIRROR_RATIOS}
-    assert set(rec["measured"]) == bases | {f"{b}+grow{low:g}" for b in bases for low in C.GROW_LOWS}
+    assert set(rec["measured"]) == {"none", "check"} | {f"{b}+grow{low:g}" for b in ("none", "check")
+                                                        for low in C.GROW_LOWS}
     assert rec["n_volumes"] == 1 and rec["generator_seeds"] == [C.POST_SEED0, C.POST_SEED0]
     assert rec["label_rule"] == C.JUDGE_LABELS
     assert hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest() == before
     pred = BuiltinPredictor(tmp_path / "w.pt")
     assert pred.recommended_contrast_check is rec["contrast_check"]
     assert pred.recommended_grow_low == (rec["grow_low"] if rec["grow_lesions"] else None)
-    assert pred.recommended_mirror_ratio == (rec["mirror_ratio"] if rec["mirror_check"] else None)
     assert not list(tmp_path.glob("*.part"))
 
 
 def test_shipped_recommendation_follows_the_rule_from_its_recorded_figures():
     post = json.loads(WEIGHTS.with_suffix(".json").read_text())["postprocess"]
-    assert C.choose(post["measured"]) == {k: post[k] for k in ("contrast_check", "grow_lesions", "grow_low",
-                                                               "mirror_check", "mirror_ratio")}
+    assert C.choose(post["measured"]) == {k: post[k] for k in ("contrast_check", "grow_lesions", "grow_low")}
     assert post["n_volumes"] >= 32 and post["generator_seeds"][0] == C.POST_SEED0
     assert post["label_rule"] == C.JUDGE_LABELS  # judged against the outlines experts draw (stage AC)
-    bases = {"none", "check"} | {f"{b}+mirror{r:g}" for b in ("none", "check") for r in C.MIRROR_RATIOS}
-    assert set(post["measured"]) == bases | {f"{b}+grow{low:g}" for b in bases for low in C.GROW_LOWS}
+    assert set(post["measured"]) == {"none", "check"} | {f"{b}+grow{low:g}" for b in ("none", "check")
+                                                         for low in C.GROW_LOWS}

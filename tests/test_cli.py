@@ -71,9 +71,9 @@ def test_labels_split_and_options(tmp_path):
     assert cfg.grow_lesions == "off"
     assert parse_config([str(DEMO), str(tmp_path / "o"), "participant"]).detect_lesions == "auto"
     cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--detect-lesions", "on"])
-    assert cfg.detect_lesions == "on" and cfg.mirror_check == "auto"
-    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--mirror-check", "off"])
-    assert cfg.mirror_check == "off"
+    assert cfg.detect_lesions == "on" and cfg.mirror_check == "off"
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--mirror-check", "on"])
+    assert cfg.mirror_check == "on"
 
 
 def test_config_file_gives_defaults(tmp_path):

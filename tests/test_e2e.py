@@ -69,7 +69,7 @@ def test_masks_on_the_input_grid(run, subject):
     assert sidecar["Type"] == "Lesion" and sidecar["Models"][0]["name"] == "builtin"
     assert len(sidecar["Models"][0]["weights_sha256"]) == 64
     assert sidecar["PostProcessing"] == {"MinLesionMl": None, "ContrastCheck": "auto", "GrowLesions": "auto",
-                                         "DetectLesions": "auto", "MirrorCheck": "auto"}
+                                         "DetectLesions": "auto", "MirrorCheck": "off"}
     for suffix in ("label-lesion_probseg.nii.gz", "desc-preproc_trace.nii.gz",
                    "desc-preproc_ADC.nii.gz", "desc-brain_mask.nii.gz", "desc-lesion_stats.tsv"):
         assert (run["out"] / folder / f"{name}_{suffix}").is_file(), suffix

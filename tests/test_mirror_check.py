@@ -65,18 +65,29 @@ def test_partner_of_a_voxel_is_its_mirror_image_across_the_tilted_midline(phanto
     assert np.median(np.abs(partner[inner] - trace[inner])) < 5.0
 
 
-def test_filter_keeps_one_sided_components_and_removes_mirrored_ones(phantom):
+def test_filter_keeps_one_sided_components_and_removes_those_as_bright_across(phantom):
     trace, brain, spots, _, maps = phantom
-    mask = spots["left"] | spots["right"] | spots["one-sided"]
+    mask = spots["left"] | spots["one-sided"]  # the right spot is as bright but not a lesion of the mask
     out, rows = mirror_filter(mask, trace, *maps, DETECT_MIRROR_RATIO)
     assert out.dtype == np.uint8
     assert np.array_equal(out > 0, spots["one-sided"])
     ratios = sorted(r["mirror_ratio"] for r in rows)
-    assert ratios[0] < 1.15 and ratios[1] < 1.15 and ratios[2] > DETECT_MIRROR_RATIO
-    assert 1.5 < ratios[2] < 2.2  # 185 against about 100 across the midline
-    # the mask's default ratio is lenient: the pair (interpolated partners, 1.08-1.10 here) stays
+    assert ratios[0] < 1.15 and ratios[1] > DETECT_MIRROR_RATIO
+    assert 1.5 < ratios[1] < 2.2  # 185 against about 100 across the midline
+    # the mask's default ratio is lenient: the left spot (interpolated partners, 1.08-1.10 here) stays
     assert MASK_MIRROR_RATIO == 1.05 and int(mirror_filter(mask, trace, *maps)[0].sum()) == int(mask.sum())
-    assert int(mirror_filter(mask, trace, *maps, min_ratio=3.0)[0].sum()) == 0
+
+
+def test_a_bilateral_pair_of_lesions_is_kept_even_when_one_is_dimmer(phantom):
+    trace, brain, spots, _, maps = phantom
+    dim = np.where(spots["right"], 150.0, trace).astype(np.float32)  # both thalami, one side fainter
+    pair = spots["left"] | spots["right"]
+    out, rows = mirror_filter(pair, dim, *maps, DETECT_MIRROR_RATIO)
+    assert np.array_equal(out > 0, pair) and all(r["bilateral"] and r["kept"] for r in rows)
+    # judged alone, the fainter one would go: its twin across is brighter
+    out, rows = mirror_filter(spots["right"], dim, *maps, DETECT_MIRROR_RATIO, lesions=spots["right"])
+    assert not out.any() and rows[0]["mirror_ratio"] < 1.0 and not rows[0]["bilateral"]
+    assert int(mirror_filter(spots["one-sided"], trace, *maps, min_ratio=3.0)[0].sum()) == 0
 
 
 def test_a_component_without_partners_in_the_brain_or_across_the_midline_is_kept(phantom):
@@ -98,8 +109,9 @@ def test_storage_order_and_repeat_give_the_same_maps(phantom):
     trace, brain, spots, affine, (partner, index) = phantom
     again = mirror_maps(trace, brain, affine)
     assert np.array_equal(again[0], partner) and np.array_equal(again[1], index)
-    mask = spots["left"] | spots["right"] | spots["one-sided"]
+    mask = spots["left"] | spots["one-sided"]
     ref = mirror_filter(mask, trace, partner, index, DETECT_MIRROR_RATIO)[0]
+    assert np.array_equal(ref > 0, spots["one-sided"])
     for codes in ("LPS", "SAR"):
         t2, a2 = reorient(trace, affine, codes)
         b2, _ = reorient(brain, affine, codes)
@@ -115,8 +127,8 @@ def test_detection_with_the_mirror_check(phantom):
     adc = np.where(brain, 0.8, 0.0)
     prob = np.full(SHAPE, 0.02, np.float32)
     mask = np.zeros(SHAPE, bool)
-    for name in spots:
-        adc[spots[name]], prob[spots[name]] = 0.5, 0.3  # all three restricted, all faint
+    for name in ("left", "one-sided"):
+        adc[spots[name]], prob[spots[name]] = 0.5, 0.3  # restricted, faint; the right spot: only bright
     calls = []
 
     def lazy():
@@ -124,14 +136,17 @@ def test_detection_with_the_mirror_check(phantom):
         return maps
 
     plain, rows = detect_lesions(mask, prob, trace, adc, brain)
-    assert len(rows) == 3 and all(r["kept"] for r in rows)
+    assert len(rows) == 2 and all(r["kept"] for r in rows)
     checked, rows = detect_lesions(mask, prob, trace, adc, brain, mirror=lazy)
     assert calls == [1] and np.array_equal(checked > 0, spots["one-sided"])
-    assert sorted(r["kept"] for r in rows) == [False, False, True]
+    assert sorted(r["kept"] for r in rows) == [False, True]
     assert all(r["mirror_ratio"] is not None for r in rows)
+    # with the right spot a lesion of the mask, the left one is its bilateral twin: kept
+    both, rows = detect_lesions(spots["right"], prob, trace, adc, brain, mirror=lazy)
+    assert np.array_equal(both > 0, spots["right"] | spots["left"] | spots["one-sided"])
     # no candidate: the maps are not computed
     detect_lesions(mask, np.zeros(SHAPE, np.float32), trace, adc, brain, mirror=lazy)
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 def test_a_brain_too_small_to_register_pairs_nothing_and_keeps_everything():

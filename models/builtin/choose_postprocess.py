@@ -10,14 +10,11 @@ the labels of ``--label-rule`` (default ``rim``, ``labels.py``: lesions with the
 experts outline; the images do not depend on the rule). Pooled Dice and lesion-wise F1 (as in training
 validation) are measured for: the 0.5 mask; with the contrast check (``models/contrast_filter.py``); and, on top of
 the chosen check setting, hysteresis growth (``models/grow_lesions.py``) at each low threshold of
-``GROW_LOWS``; and each of these with the mirror check (``models/mirror_check.py``) at each ratio of
-``MIRROR_RATIOS`` before the growth. The rule, fixed before any measurement:
+``GROW_LOWS``. The rule, fixed before any measurement:
 
 - the contrast check is recommended when it lowers neither Dice nor F1;
 - growth is recommended at the low threshold, among those that lower neither Dice nor F1, with the
-  highest mean of the two; at none, it is off;
-- with those two settings, the mirror check is recommended at the ratio, among those that lower neither
-  figure, with the highest mean (ties: the lower ratio); at none, it is off (since stage AG).
+  highest mean of the two; at none, it is off.
 
 The choice and every measured figure are written into the weights' JSON sidecar under
 ``"postprocess"`` (atomic rewrite; the weights file and its SHA-256 are not touched). The app follows
@@ -34,27 +31,21 @@ import torch
 
 POST_SEED0 = 970_000_000
 GROW_LOWS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
-MIRROR_RATIOS = (1.05, 1.1, 1.2)
 JUDGE_LABELS = "rim"  # what experts outline (MODEL_CARD.md, stage AC)
 
 
-def candidate_masks(prob, dwi, adc, brain, affine):
-    """``{name: mask}`` of every option the rule compares, for one volume on the grid of ``affine``."""
+def candidate_masks(prob, dwi, adc, brain):
+    """``{name: mask}`` of every option the rule compares, for one volume."""
     from models.contrast_filter import contrast_filter
     from models.grow_lesions import grow_lesions
-    from models.mirror_check import mirror_filter, mirror_maps
     from models.postprocess import postprocess
 
     base = postprocess(prob, 0.5)[0] > 0
-    bases = {"none": base, "check": contrast_filter(base, dwi, adc, brain)[0] > 0}
-    maps = mirror_maps(dwi, brain, affine)
-    for name, mask in list(bases.items()):
-        for ratio in MIRROR_RATIOS:
-            bases[f"{name}+mirror{ratio:g}"] = mirror_filter(mask, dwi, *maps, ratio)[0] > 0
-    out = dict(bases)
-    for name, mask in bases.items():
-        for low in GROW_LOWS:
-            out[f"{name}+grow{low:g}"] = grow_lesions(mask, prob, dwi, adc, brain, low)[0] > 0
+    checked = contrast_filter(base, dwi, adc, brain)[0] > 0
+    out = {"none": base, "check": checked}
+    for low in GROW_LOWS:
+        out[f"none+grow{low:g}"] = grow_lesions(base, prob, dwi, adc, brain, low)[0] > 0
+        out[f"check+grow{low:g}"] = grow_lesions(checked, prob, dwi, adc, brain, low)[0] > 0
     return out
 
 
@@ -71,7 +62,7 @@ def measure(predictor, generator, n: int, seed0: int = POST_SEED0) -> dict:
         dwi, adc = x[0].numpy(), x[1].numpy()
         gt = y[0].numpy() > 0
         prob = predictor.predict(nib.Nifti1Image(dwi, affine), nib.Nifti1Image(adc, affine))
-        for name, mask in candidate_masks(prob, dwi, adc, adc > 0, affine).items():
+        for name, mask in candidate_masks(prob, dwi, adc, adc > 0).items():
             pooled.setdefault(name, Pooled()).add(mask, gt)
     return {name: {k: v for k, v in p.result().items() if k != "score"} for name, p in pooled.items()}
 
@@ -88,15 +79,7 @@ def choose(results: dict) -> dict:
     score = {low: results[f"{base}+grow{low:g}"]["dice"] + results[f"{base}+grow{low:g}"]["lesion_f1"]
              for low in ok}
     low = max(ok, key=lambda v: (score[v], -v)) if ok else None
-    chosen = base if low is None else f"{base}+grow{low:g}"
-
-    def with_mirror(ratio):  # records made before stage AG hold no mirror options
-        return results.get(f"{base}+mirror{ratio:g}" + ("" if low is None else f"+grow{low:g}"))
-
-    ratios = [r for r in MIRROR_RATIOS if with_mirror(r) and _not_worse(with_mirror(r), results[chosen])]
-    ratio = min(ratios, key=lambda r: (-(with_mirror(r)["dice"] + with_mirror(r)["lesion_f1"]), r)) if ratios else None
-    return {"contrast_check": check, "grow_lesions": low is not None, "grow_low": low,
-            "mirror_check": ratio is not None, "mirror_ratio": ratio}
+    return {"contrast_check": check, "grow_lesions": low is not None, "grow_low": low}
 
 
 def choose_postprocess(weights, n: int = 32, generator=None, label_rule: str = JUDGE_LABELS) -> dict:
@@ -109,9 +92,8 @@ def choose_postprocess(weights, n: int = 32, generator=None, label_rule: str = J
     gen = generator or generator_for(pred.meta, label_rule=label_rule)
     results = measure(pred, gen, n)
     rec = dict(choose(results), rule="check if it lowers neither synthetic Dice nor F1; growth at the "
-               "low threshold (of %s) with the best mean of both among those that lower neither; then the "
-               "mirror check at the ratio (of %s) likewise, ties to the lower" % (list(GROW_LOWS), list(MIRROR_RATIOS)),
-               label_rule=getattr(gen, "label_rule_name", None),
+               "low threshold (of %s) with the best mean of both among those that lower neither"
+               % list(GROW_LOWS), label_rule=getattr(gen, "label_rule_name", None),
                n_volumes=n, generator_seeds=[POST_SEED0, POST_SEED0 + n - 1], measured=results)
     write_sidecar_entry(weights, "postprocess", rec)
     return rec

@@ -139,12 +139,11 @@ class BuiltinPredictor:
             raise WeightsIntegrityError(f"{self.weights}: calibration temperature {self.temperature} out of range")
         # post-processing recommended with these weights (sidecar "postprocess", written by
         # choose_postprocess.py), used when the app's --contrast-check / --grow-lesions / --detect-lesions
-        # / --mirror-check are auto
+        # are auto
         post = meta.get("postprocess") or {}
         self.recommended_contrast_check = bool(post.get("contrast_check", False))
         self.recommended_grow_low = float(post["grow_low"]) if post.get("grow_lesions") else None
         self.recommended_detect_low = float(post["detect_low"]) if post.get("detect_lesions") else None
-        self.recommended_mirror_ratio = float(post["mirror_ratio"]) if post.get("mirror_check") else None
         # sliding-window size: the training patch (instance-norm statistics as in training) unless given
         self.roi = tuple(roi) if roi else tuple(meta.get("patch") or ROI)
         # sliding-window overlap: given, else the one recorded with the weights, else 0.25
