@@ -11,6 +11,8 @@ not a brain mask) and scored. Metrics (any non-zero voxel is lesion, 26-connecti
 - lesion-wise F1: a reference component is TP if >= 1 predicted voxel overlaps it, else FN; a
   predicted component touching no reference voxel is FP; F1 = TP / (TP + (FP + FN) / 2); 1.0 when
   there is no component at all.
+
+Each row also holds the volumes, the component counts and the TP / FP / FN lesion counts behind the F1.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from nodes.load import squeeze_extra_axes
 GRID_TOL_MM = 1e-4
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 METRICS = ("dice", "lesion_f1", "abs_volume_diff_ml", "abs_lesion_count_diff")
-COLUMNS = ("case", "subject", "session", *METRICS, "pred_volume_ml", "ref_volume_ml", "pred_lesions",
-           "ref_lesions", "prediction", "reference", "note")
+COUNTS = ("pred_volume_ml", "ref_volume_ml", "pred_lesions", "ref_lesions", "tp_lesions", "fp_lesions", "fn_lesions")
+COLUMNS = ("case", "subject", "session", *METRICS, *COUNTS, "prediction", "reference", "note")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -72,15 +74,20 @@ def lesion_count_difference(pred, gt) -> int:
     return abs(count_lesions(pred) - count_lesions(gt))
 
 
-def lesion_f1(pred, gt) -> float:
-    """Lesion-wise F1 (26-connectivity), as defined for ISLES'22."""
+def lesion_counts(pred, gt) -> tuple[int, int, int]:
+    """``(TP, FP, FN)`` lesions (26-connectivity, ISLES'22): a reference component is found when a
+    predicted voxel overlaps it; a predicted component touching no reference voxel is a false positive."""
     pred, gt = _same_shape(pred, gt)
     gt_lab, n_gt = ndimage.label(gt, structure=_STRUCTURE_26)
     pred_lab, n_pred = ndimage.label(pred, structure=_STRUCTURE_26)
     overlap = pred & gt
     tp = int(np.count_nonzero(np.unique(gt_lab[overlap])))
-    fn = n_gt - tp
-    fp = n_pred - int(np.count_nonzero(np.unique(pred_lab[overlap])))
+    return tp, n_pred - int(np.count_nonzero(np.unique(pred_lab[overlap]))), n_gt - tp
+
+
+def lesion_f1(pred, gt) -> float:
+    """Lesion-wise F1 (26-connectivity), as defined for ISLES'22: TP / (TP + (FP + FN) / 2)."""
+    tp, fp, fn = lesion_counts(pred, gt)
     if tp + fp + fn == 0:
         return 1.0
     return tp / (tp + (fp + fn) / 2.0)
@@ -89,12 +96,14 @@ def lesion_f1(pred, gt) -> float:
 def evaluate_masks(pred, gt, voxel_ml: float) -> dict:
     """All metrics plus volumes and counts of two masks on the same grid."""
     pred, gt = _same_shape(pred, gt)
+    tp, fp, fn = lesion_counts(pred, gt)
     return {
         "dice": dice(pred, gt), "lesion_f1": lesion_f1(pred, gt),
         "abs_volume_diff_ml": volume_difference_ml(pred, gt, voxel_ml),
         "abs_lesion_count_diff": lesion_count_difference(pred, gt),
         "pred_volume_ml": int(pred.sum()) * voxel_ml, "ref_volume_ml": int(gt.sum()) * voxel_ml,
         "pred_lesions": count_lesions(pred), "ref_lesions": count_lesions(gt),
+        "tp_lesions": tp, "fp_lesions": fp, "fn_lesions": fn,
     }
 
 
@@ -262,7 +271,7 @@ def run_evaluate(deriv_dir, reference_dir, out_tsv, desc: str | None = None) -> 
             row["note"] = "no reference mask" if p.prediction else "no app mask (failed or not run?)"
         rows.append(row)
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    numeric = list(COLUMNS[3:11])
+    numeric = [*METRICS, *COUNTS]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     scored = df.dropna(subset=list(METRICS))
     summary = []

@@ -28,7 +28,10 @@ def test_two_gt_blobs_one_hit_one_false_positive():
     pred[2:4, 1:3, 1:3] = 1         # hits A with 4 voxels
     pred[1, 8, 8] = 1               # touches no GT voxel
     # TP 1, FN 1, FP 1 -> 1 / (1 + (1 + 1) / 2) = 0.5
-    assert E.lesion_f1(pred, gt) == 0.5
+    assert E.lesion_counts(pred, gt) == (1, 1, 1) and E.lesion_f1(pred, gt) == 0.5
+    pred[8, 8, 8] = 1               # now touches B: TP 2, FP 1, FN 0
+    assert E.lesion_counts(pred, gt) == (2, 1, 0)
+    pred[8, 8, 8] = 0
     assert E.dice(pred, gt) == pytest.approx(2 * 4 / (16 + 9))
     assert E.volume_difference_ml(pred, gt, 0.008) == pytest.approx(7 * 0.008)
     assert E.lesion_count_difference(pred, gt) == 0
@@ -94,6 +97,7 @@ def test_expert_mask_against_itself():
     assert res["dice"] == 1.0 and res["lesion_f1"] == 1.0
     assert res["abs_volume_diff_ml"] == 0 and res["abs_lesion_count_diff"] == 0
     assert res["ref_lesions"] == 18   # 26-connectivity (21 with 6-connectivity)
+    assert (res["tp_lesions"], res["fp_lesions"], res["fn_lesions"]) == (18, 0, 0)
     assert res["ref_volume_ml"] == pytest.approx(523 * 0.008) and res["note"] == ""
 
 
