@@ -216,7 +216,7 @@ def test_detect_lesions_on_off_auto_and_low(grow_run):
     assert run("low", detect_low=0.4)[0] == 101  # the patch's 0.35 is under the threshold
 
 
-def test_mirror_check_on_off_auto_and_ratio(tmp_path, standin):
+def test_mirror_check_on_off_and_ratio(tmp_path, standin):
     """A restricted lesion with an equally bright, unrestricted twin across the grid's midline, and a
     restricted lesion on one side (the stand-in finds the two restricted ones): the check removes the first."""
     shape = (24, 20, 14)
