@@ -74,36 +74,42 @@ def lesion_count_difference(pred, gt) -> int:
     return abs(count_lesions(pred) - count_lesions(gt))
 
 
-def lesion_counts(pred, gt) -> tuple[int, int, int]:
-    """``(TP, FP, FN)`` lesions (26-connectivity, ISLES'22): a reference component is found when a
-    predicted voxel overlaps it; a predicted component touching no reference voxel is a false positive."""
-    pred, gt = _same_shape(pred, gt)
+def _lesions(pred, gt) -> tuple[int, int, int, int]:
+    """``(TP, FP, predicted components, reference components)``, labelling each mask once."""
     gt_lab, n_gt = ndimage.label(gt, structure=_STRUCTURE_26)
     pred_lab, n_pred = ndimage.label(pred, structure=_STRUCTURE_26)
     overlap = pred & gt
     tp = int(np.count_nonzero(np.unique(gt_lab[overlap])))
-    return tp, n_pred - int(np.count_nonzero(np.unique(pred_lab[overlap]))), n_gt - tp
+    return tp, n_pred - int(np.count_nonzero(np.unique(pred_lab[overlap]))), n_pred, n_gt
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 1.0 if tp + fp + fn == 0 else tp / (tp + (fp + fn) / 2.0)
+
+
+def lesion_counts(pred, gt) -> tuple[int, int, int]:
+    """``(TP, FP, FN)`` lesions (26-connectivity, ISLES'22): a reference component is found when a
+    predicted voxel overlaps it; a predicted component touching no reference voxel is a false positive."""
+    tp, fp, _, n_gt = _lesions(*_same_shape(pred, gt))
+    return tp, fp, n_gt - tp
 
 
 def lesion_f1(pred, gt) -> float:
     """Lesion-wise F1 (26-connectivity), as defined for ISLES'22: TP / (TP + (FP + FN) / 2)."""
-    tp, fp, fn = lesion_counts(pred, gt)
-    if tp + fp + fn == 0:
-        return 1.0
-    return tp / (tp + (fp + fn) / 2.0)
+    return _f1(*lesion_counts(pred, gt))
 
 
 def evaluate_masks(pred, gt, voxel_ml: float) -> dict:
     """All metrics plus volumes and counts of two masks on the same grid."""
     pred, gt = _same_shape(pred, gt)
-    tp, fp, fn = lesion_counts(pred, gt)
+    tp, fp, n_pred, n_gt = _lesions(pred, gt)  # each mask labelled once for every count
     return {
-        "dice": dice(pred, gt), "lesion_f1": lesion_f1(pred, gt),
+        "dice": dice(pred, gt), "lesion_f1": _f1(tp, fp, n_gt - tp),
         "abs_volume_diff_ml": volume_difference_ml(pred, gt, voxel_ml),
-        "abs_lesion_count_diff": lesion_count_difference(pred, gt),
+        "abs_lesion_count_diff": abs(n_pred - n_gt),
         "pred_volume_ml": int(pred.sum()) * voxel_ml, "ref_volume_ml": int(gt.sum()) * voxel_ml,
-        "pred_lesions": count_lesions(pred), "ref_lesions": count_lesions(gt),
-        "tp_lesions": tp, "fp_lesions": fp, "fn_lesions": fn,
+        "pred_lesions": n_pred, "ref_lesions": n_gt,
+        "tp_lesions": tp, "fp_lesions": fp, "fn_lesions": n_gt - tp,
     }
 
 

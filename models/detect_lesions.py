@@ -41,12 +41,11 @@ def detect_lesions(mask, prob, dwi, adc, brain, low: float = DETECT_LOW, min_dwi
     if not new.any():
         return mask.astype(np.uint8), []
     kept, rows = contrast_filter(new, dwi, adc, brain, min_dwi_ratio, max_adc_ratio, shell, exclude=mask)
-    if mirror is not None:  # components in the same label order: both label ``new`` in the same scan
-        _, mrows = mirror_filter(new, dwi, *(mirror() if callable(mirror) else mirror), min_mirror_ratio,
-                                 lesions=mask | new)
+    if mirror is not None:  # both filters label ``new`` alike: rows in the same component order
+        mirrored, mrows = mirror_filter(new, dwi, *(mirror() if callable(mirror) else mirror), min_mirror_ratio,
+                                        lesions=mask | new)
+        kept = (kept > 0) & (mirrored > 0)  # each keeps or drops whole components
         for row, mrow in zip(rows, mrows):
             row["mirror_ratio"] = mrow["mirror_ratio"]
             row["kept"] = bool(row["kept"] and mrow["kept"])
-        lab, _ = ndimage.label(new, structure=STRUCTURE_26)
-        kept = np.isin(lab, [i for i, row in enumerate(rows, start=1) if row["kept"]])
     return (mask | (kept > 0)).astype(np.uint8), rows
