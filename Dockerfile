@@ -130,7 +130,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
     USER=deepisles \
-    DEEPISLES_CONTAINER=docker
+    DEEPISLES_CONTAINER=docker \
+    DEEPISLES_CONTAINER_TAG="deepisles:${VERSION}-${VARIANT}"
 # - the app's default official-weights folder (<site-packages>/weights) points at /opt/deepisles/weights;
 # - TemplateFlow's stub is created now (read-only at run time; templates would be added here);
 # - /data and /out exist as mount points; everything world-readable, nothing world-writable but /tmp

@@ -49,29 +49,56 @@ def ensure_writable_dir(path, what="output directory") -> Path:
     return path
 
 
-def write_dataset_description(output_dir, bids_dir, models: list[dict], container: str | None = None):
-    """Write (or refresh) the derivative dataset_description.json and .bidsignore."""
+def _merged_models(previous: dict | None, models: list[dict]) -> list[dict]:
+    """The models of earlier runs into the same output (same name and weights kept once), then ``models``."""
+    seen, out = set(), []
+    earlier = []
+    for gen in (previous or {}).get("GeneratedBy") or []:
+        if isinstance(gen, dict) and gen.get("Name") == APP_NAME and isinstance(gen.get("Models"), list):
+            earlier += [m for m in gen["Models"] if isinstance(m, dict)]
+    for entry in earlier + list(models):
+        key = json.dumps(entry, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(entry)
+    return out
+
+
+def _read_json_object(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_dataset_description(output_dir, bids_dir, models: list[dict], container: dict | None = None):
+    """Write (or refresh) the derivative dataset_description.json and .bidsignore.
+
+    ``GeneratedBy.Models`` keeps the models of earlier runs into the same output folder (each output
+    sidecar names the models that made it); ``container``: BIDS ``GeneratedBy.Container`` (Type, Tag).
+    """
     output_dir = Path(output_dir)
+    previous = _read_json_object(output_dir / "dataset_description.json")
     generated = {"Name": APP_NAME, "Version": __version__, "Description": "DeepISLES lesion segmentation",
                  "CodeURL": "https://github.com/deepisles-bids/deepisles-bids"}
-    if models:
-        generated["Models"] = models
+    merged = _merged_models(previous, models)
+    if merged:
+        generated["Models"] = merged
     if container:
-        generated["Container"] = {"Type": container}
-    src = {"URL": Path(bids_dir).absolute().as_uri()}
-    desc_file = Path(bids_dir) / "dataset_description.json"
-    try:
-        src_desc = json.loads(desc_file.read_text(encoding="utf-8"))
-        if isinstance(src_desc, dict):
-            src.update({k: src_desc[k] for k in ("Name", "DatasetDOI") if k in src_desc})
-    except (OSError, ValueError):
-        pass
+        generated["Container"] = dict(container)
+    raw_uri = Path(bids_dir).resolve().as_uri()
+    src = {"URL": raw_uri}
+    src_desc = _read_json_object(Path(bids_dir) / "dataset_description.json") or {}
+    src.update({k: src_desc[k] for k in ("Name", "DatasetDOI") if k in src_desc})
     description = {
         "Name": "DeepISLES ischemic stroke lesion segmentation",
         "BIDSVersion": "1.11.0",
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
         "SourceDatasets": [src],
+        # the sidecars' Sources / SpatialReference are BIDS URIs "bids:raw:<path>": this names "raw"
+        "DatasetLinks": {"raw": raw_uri},
         "HowToAcknowledge": "Cite " + cite("DeepISLES") + " and " + cite("ISLES'22"),
     }
     write_json_atomic(description, output_dir / "dataset_description.json")

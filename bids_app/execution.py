@@ -43,6 +43,19 @@ def _crash_errors(config: RunConfig, subjects) -> dict[str, list[str]]:
     return errors
 
 
+def _record_sessions(config: RunConfig, sessions) -> None:
+    """``sub-<s>/log/<run id>/sessions.json``: the sessions this run processed, so that the reports and
+    the group table know which crash files a later run has superseded."""
+    from bids_app.report.common import RUN_SESSIONS
+
+    by_subject: dict[str, list] = {}
+    for session in sessions:
+        by_subject.setdefault(session.subject, []).append(session.session)
+    for subject, labels in by_subject.items():
+        write_json_atomic({"run_id": config.run_id, "sessions": labels},
+                          crash_dir(config, subject) / RUN_SESSIONS)
+
+
 def _exit_code(errors: dict[str, list[str]]) -> int:
     if not errors:
         return 0
@@ -123,13 +136,22 @@ def _nipype_config(config: RunConfig) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 
-def _container() -> str | None:
-    """'docker' / 'apptainer' when running inside one of the project's images."""
+def _container() -> dict | None:
+    """BIDS ``GeneratedBy.Container`` when running inside one of the project's images: the type
+    (docker / apptainer) and, where the image recorded it, its tag (``DEEPISLES_CONTAINER_TAG``)."""
     import os
 
     if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
-        return "apptainer"
-    return os.environ.get("DEEPISLES_CONTAINER") or None
+        kind = "apptainer"
+    else:
+        kind = os.environ.get("DEEPISLES_CONTAINER") or None
+    if not kind:
+        return None
+    out = {"Type": kind}
+    tag = os.environ.get("DEEPISLES_CONTAINER_TAG")
+    if tag:
+        out["Tag"] = tag
+    return out
 
 
 def models_provenance(members, weights_dir, builtin_weights=None) -> list[dict]:
@@ -177,7 +199,7 @@ def run_participant(config: RunConfig) -> int:
                         config.bids_filter, validate=not config.skip_bids_validation,
                         database_dir=config.work_dir / "bids_db")
     subjects = sorted({s.subject for s in sessions})
-    from nodes.segment import resolve_device
+    from models.device import resolve_device
 
     resolve_device(config.device)  # --device cuda without a GPU fails now, not inside every session
     if config.skull_strip == "hdbet":
@@ -218,6 +240,8 @@ def run_participant(config: RunConfig) -> int:
             _run_workflow(config, good, members, provenance)
 
     errors = _crash_errors(config, subjects)
+    if not config.reports_only:
+        _record_sessions(config, sessions)
     for subject in subjects:
         try:
             build_subject_report(config.output_dir, subject, work_dir=config.work_dir,
@@ -255,7 +279,11 @@ def _run_workflow(config: RunConfig, sessions, members, provenance) -> None:
 
     _nipype_config(config)
     os.environ.setdefault("OMP_NUM_THREADS", str(config.omp_nthreads))
+    from nodes.datasink import forget_missing_outputs
+
     wf = init_deepisles_wf(sessions, config, members, provenance)
+    for folder in forget_missing_outputs(config.work_dir):  # deleted since an earlier run: written again
+        LOGGER.info("outputs of %s missing: written again", folder.relative_to(config.work_dir))
     plugin, args = _plugin(config)
     try:
         with _frozen_heap():

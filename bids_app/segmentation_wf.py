@@ -14,20 +14,21 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
 
     Inputs (``inputnode``): dwi_norm, adc_norm (built-in model channels), trace, adc (preprocessed,
     1e-3 mm2/s), brain_mask, flair (FLAIR in its own space; only used when a member needs it).
-    Outputs (``outputnode``): prob, mask (ensemble, DWI grid), member_probs, member_masks (lists in
-    the order of ``members``).
+    Outputs (``outputnode``): prob, mask (ensemble, DWI grid), member_probs, member_masks,
+    member_postprocessing (lists in the order of ``members``; the last: post-processing as applied).
     A member that fails makes the session fail (reported with its crash file); it is never counted
     as an empty mask.
     """
     from models.registry import get
     from nodes.ensemble import EnsembleMembers
-    from nodes.segment import SegmentLesions, wants_gpu
+    from models.device import wants_gpu
+    from nodes.segment import SegmentLesions
 
     wf = pe.Workflow(name=name)
     fields = ["dwi_norm", "adc_norm", "trace", "adc", "brain_mask", "flair"]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["prob", "mask", "member_probs",
-                                                       "member_masks"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["prob", "mask", "member_probs", "member_masks",
+                                                       "member_postprocessing"]), name="outputnode")
     flair_source, flair_field = inputnode, "flair"
     if any(get(m).needs_flair for m in members):
         from nodes.register import RegisterFlair
@@ -40,6 +41,7 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
 
     merge_prob = pe.Node(niu.Merge(len(members)), name="merge_prob", run_without_submitting=True)
     merge_mask = pe.Node(niu.Merge(len(members)), name="merge_mask", run_without_submitting=True)
+    merge_post = pe.Node(niu.Merge(len(members)), name="merge_post", run_without_submitting=True)
     ensemble = pe.Node(EnsembleMembers(members=members, reportlets_dir=reportlets),
                        name="ensemble")
     use_gpu = wants_gpu(config.device)
@@ -67,6 +69,7 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
                               ("brain_mask", "brain_mask_file")]),
             (seg, merge_prob, [("prob_file", f"in{index}")]),
             (seg, merge_mask, [("mask_file", f"in{index}")]),
+            (seg, merge_post, [("postprocessing", f"in{index}")]),
         ])
         # fmt: on
         if get(member).needs_flair:
@@ -78,6 +81,7 @@ def init_segmentation_wf(members: list[str], config: RunConfig, reportlets: str,
         (ensemble, outputnode, [("prob_file", "prob"), ("mask_file", "mask")]),
         (merge_prob, outputnode, [("out", "member_probs")]),
         (merge_mask, outputnode, [("out", "member_masks")]),
+        (merge_post, outputnode, [("out", "member_postprocessing")]),
     ])
     # fmt: on
     return wf

@@ -132,15 +132,22 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
 def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, stats, figures,
                      outputnode):
     """Sinks for every derivative of one session."""
+    from nodes.ensemble import rule_text
+
     ref = session.dwi
-    sources = [_bids_uri(config, p) for p in (session.dwi, session.adc) if p is not None]
+    sources = [_bids_uri(config, p) for p in (session.dwi, session.adc, session.bval, session.bvec)
+               if p is not None]
     spatial = _bids_uri(config, session.dwi)
+    used = [p for p in provenance if p.get("name") in members]  # the members that ran for this session
+    seg_sources = sources + ([_bids_uri(config, session.flair)]
+                             if session.flair is not None and any(p.get("needs_flair") for p in used) else [])
     mask_meta = {
         "Type": "Lesion", "Description": "Acute ischemic stroke lesion (DWI/ADC), binary",
-        "Sources": sources, "SpatialReference": spatial, "Threshold": config.threshold,
-        "Models": provenance,
-        "EnsembleRule": "single member" if len(members) == 1 else "majority vote",
-        # as requested; "auto" = what each model's weights recommend (the report says what was applied)
+        "Sources": seg_sources, "SpatialReference": spatial, "Threshold": config.threshold,
+        "Models": used,
+        "EnsembleRule": rule_text(len(members)),
+        # as requested; "auto" = what each model's weights recommend; PostProcessingApplied (written by the
+        # sink from the segmentation nodes) holds what was applied, member by member
         "PostProcessing": {"MinLesionMl": config.min_lesion_ml, "ContrastCheck": config.contrast_check,
                            "GrowLesions": config.grow_lesions, "DetectLesions": config.detect_lesions,
                            "MirrorCheck": config.mirror_check},
@@ -173,13 +180,17 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
         wf.connect(src, field, sink, "in_file")
         if name == "ds_mask":
             wf.connect(sink, "out_file", outputnode, "mask")
+            wf.connect(seg_wf, "outputnode.member_postprocessing", sink, "applied")
         elif name == "ds_probseg":
             wf.connect(sink, "out_file", outputnode, "probseg")
         elif name == "ds_stats":
             wf.connect(sink, "out_file", outputnode, "stats")
     if len(members) > 1:  # each member's own mask and probability map
         for index, member in enumerate(members):
-            member_meta = {**mask_meta, "Models": [p for p in provenance if p["name"] == member],
+            own = [p for p in provenance if p["name"] == member]
+            member_meta = {**mask_meta, "Models": own,
+                           "Sources": sources + (seg_sources[len(sources):] if own and own[0].get("needs_flair")
+                                                 else []),
                            "EnsembleRule": "none (single member of the ensemble)"}
             for suffix, field, dtype in (("mask", "member_masks", "uint8"),
                                          ("probseg", "member_probs", "float32")):
@@ -189,13 +200,22 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
                              dtype=dtype, meta=member_meta, label="lesion", desc=member)
                 wf.connect([(seg_wf, pick, [(f"outputnode.{field}", "inlist")]),
                             (pick, sink, [("out", "in_file")])])
+                if suffix == "mask":
+                    pick_post = pe.Node(niu.Select(index=index), name=f"pick_post_{member}",
+                                        run_without_submitting=True)
+                    wf.connect([(seg_wf, pick_post, [("outputnode.member_postprocessing", "inlist")]),
+                                (pick_post, sink, [("out", "applied")])])
     ds_figures = _sink("ds_figures", config, session, "figures", datatype="figures")
     wf.connect(figures, "figure_files", ds_figures, "in_file")
 
 
 def _bids_uri(config: RunConfig, path) -> str:
-    try:
-        rel = Path(path).absolute().relative_to(Path(config.bids_dir).absolute())
-        return f"bids:raw:{rel.as_posix()}"
-    except ValueError:
-        return str(path)
+    """``bids:raw:<path in the dataset>`` (``DatasetLinks.raw``), however either path is spelled
+    (symbolic links, relative parts); the path itself for a file outside the dataset."""
+    file = Path(path).absolute()  # not resolved: a DataLad/git-annex file links into .git/annex
+    for root in (Path(config.bids_dir).absolute(), Path(config.bids_dir).resolve()):
+        try:
+            return f"bids:raw:{file.relative_to(root).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)

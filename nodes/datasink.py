@@ -32,10 +32,14 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     reference_file = File(desc="input image whose grid (shape, affine) the output must have")
     dtype = traits.Enum(None, "uint8", "float32", usedefault=True)
     metadata = traits.Dict(desc="sidecar JSON content")
+    applied = traits.Either(traits.Dict, traits.List(traits.Dict),
+                            desc="post-processing as each member applied it (SegmentLesions' postprocessing "
+                                 "output, with 'member'): the sidecar's PostProcessingApplied")
 
 
 class _SinkOutputSpec(TraitedSpec):
     out_file = traits.Either(traits.Str, traits.List(traits.Str))
+    written = traits.List(traits.Str, desc="every file written (outputs and sidecars)")
 
 
 def _restamp(img: nib.Nifti1Image, reference: Path, dtype) -> nib.Nifti1Image:
@@ -56,35 +60,68 @@ class DerivativesSink(SimpleInterface):
     input_spec = _SinkInputSpec
     output_spec = _SinkOutputSpec
 
+    def _extra(self) -> dict:
+        extra = {"suffix": self.inputs.suffix}
+        for key in ("desc", "label"):
+            if isdefined(getattr(self.inputs, key)):
+                extra[key] = getattr(self.inputs, key)
+        return extra
+
+    def _target(self, src: Path, extra: dict) -> Path:
+        ins = self.inputs
+        if ins.datatype == "figures":  # already named sub-<s>[_ses-<x>]_desc-<d>_<suffix>.<ext>
+            return Path(ins.output_dir) / f"sub-{ins.entities['subject']}" / "figures" / src.name
+        ext = ".nii.gz" if src.name.endswith((".nii", ".nii.gz")) else "".join(src.suffixes[-1:])
+        return derivative_path(ins.output_dir, ins.entities, datatype="dwi", extension=ext, **extra)
+
     def _run_interface(self, runtime):
         ins = self.inputs
-        extra = {"suffix": ins.suffix}
-        for key in ("desc", "label"):
-            if isdefined(getattr(ins, key)):
-                extra[key] = getattr(ins, key)
+        extra = self._extra()
         files = ins.in_file if isinstance(ins.in_file, list) else [ins.in_file]
-        outs = []
+        outs, written = [], []
         for src in files:
             src = Path(src)
-            if ins.datatype == "figures":
-                # figure files are already named sub-<s>[_ses-<x>]_desc-<d>_<suffix>.<ext>
-                out = Path(ins.output_dir) / f"sub-{ins.entities['subject']}" / "figures" / src.name
-                atomic_write_bytes(src.read_bytes(), out)
-            elif src.name.endswith((".nii", ".nii.gz")):
-                out = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
-                                      extension=".nii.gz", **extra)
+            out = self._target(src, extra)
+            if ins.datatype != "figures" and src.name.endswith((".nii", ".nii.gz")):
                 img = nib.load(str(src))
                 if isdefined(ins.reference_file):
                     img = _restamp(img, Path(ins.reference_file), ins.dtype)
                 save_nifti_atomic(img, out)
             else:
-                out = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
-                                      extension="".join(src.suffixes[-1:]), **extra)
                 atomic_write_bytes(src.read_bytes(), out)  # unique temporary name, removed on failure
-            if isdefined(ins.metadata) and ins.metadata and ins.datatype != "figures":
+            meta = dict(ins.metadata) if isdefined(ins.metadata) else {}
+            if isdefined(ins.applied) and ins.applied:
+                entries = ins.applied if isinstance(ins.applied, list) else [ins.applied]
+                meta["PostProcessingApplied"] = {str(e.get("member", "")): {k: v for k, v in e.items() if k != "member"}
+                                                 for e in entries}
+            if meta and ins.datatype != "figures":
                 sidecar = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
                                           extension=".json", **extra)
-                write_json_atomic(ins.metadata, sidecar)
+                write_json_atomic(meta, sidecar)
+                written.append(str(sidecar))
             outs.append(str(out))
         self._results["out_file"] = outs if isinstance(ins.in_file, list) else outs[0]
+        self._results["written"] = outs + written
         return runtime
+
+
+def forget_missing_outputs(work_dir) -> list[Path]:
+    """Make the sinks of earlier runs in ``work_dir`` whose written files are gone (deleted from the
+    output folder since) run again: their hash files are removed, so nipype writes those outputs anew
+    from the cached results of the steps before them. Sinks whose files are all there stay cached.
+    Returns the node folders concerned."""
+    from nipype.utils.filemanip import loadpkl
+
+    forgotten = []
+    for result in sorted(Path(work_dir).glob("deepisles_wf/**/result_ds_*.pklz")):
+        try:
+            outputs = loadpkl(str(result)).outputs
+            files = outputs.written if isdefined(getattr(outputs, "written", None)) else outputs.out_file
+        except Exception:  # unreadable or from another version: nipype decides by itself
+            continue
+        files = [files] if isinstance(files, str) else list(files or [])
+        if files and not all(Path(f).exists() for f in files):
+            for hashfile in result.parent.glob("_0x*.json"):
+                hashfile.unlink()
+            forgotten.append(result.parent)
+    return forgotten

@@ -36,6 +36,18 @@ from nodes.base import (
 )
 
 
+def rule_text(n: int, rule: str = "majority", threshold: float = 0.5) -> str:
+    """What :func:`combine` does with ``n`` members, in words (also written into the mask sidecar)."""
+    if n == 1:
+        return "identity (single member)"
+    if rule == "mean":
+        return f"mean probability >= {threshold:g}"
+    text = f"majority vote (>= {n // 2 + 1} of {n})"
+    if n % 2 == 0:
+        text += f"; ties ({n // 2} of {n}) decided by mean probability >= 0.5"
+    return text
+
+
 def combine(probs: list[np.ndarray], masks: list[np.ndarray], rule: str = "majority",
             threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, str]:
     """Pure combination: ``(mean probability float32, uint8 mask, description of the rule used)``."""
@@ -43,18 +55,17 @@ def combine(probs: list[np.ndarray], masks: list[np.ndarray], rule: str = "major
         raise ValueError("need one probability map and one mask per member")
     n = len(probs)
     prob = np.mean(np.stack([np.asarray(p, dtype=np.float32) for p in probs]), axis=0).astype(np.float32)
-    if n == 1:
-        return prob, (np.asarray(masks[0]) > 0).astype(np.uint8), "identity (single member)"
-    if rule == "mean":
-        return prob, (prob >= threshold).astype(np.uint8), f"mean probability >= {threshold:g}"
-    if rule != "majority":
+    if rule not in ("majority", "mean"):
         raise ValueError(f"unknown ensemble rule {rule!r}; choose majority or mean")
+    text = rule_text(n, rule, threshold)
+    if n == 1:
+        return prob, (np.asarray(masks[0]) > 0).astype(np.uint8), text
+    if rule == "mean":
+        return prob, (prob >= threshold).astype(np.uint8), text
     votes = np.sum(np.stack([np.asarray(m) > 0 for m in masks]), axis=0)
     mask = 2 * votes > n
-    text = f"majority vote (>= {n // 2 + 1} of {n})"
     if n % 2 == 0:
         mask |= (2 * votes == n) & (prob >= 0.5)
-        text += f"; ties ({n // 2} of {n}) decided by mean probability >= 0.5"
     return prob, mask.astype(np.uint8), text
 
 

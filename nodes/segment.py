@@ -29,6 +29,7 @@ from bids_app.errors import DeepIslesError, InputError, UsageError
 from models import registry
 from models.contrast_filter import MAX_ADC_RATIO, MIN_DWI_RATIO, contrast_filter
 from models.detect_lesions import DETECT_LOW, detect_lesions
+from models.device import resolve_device
 from models.grow_lesions import GROW_LOW, grow_lesions
 from models.mirror_check import DETECT_MIRROR_RATIO, MASK_MIRROR_RATIO, mirror_filter, mirror_maps
 from models.postprocess import postprocess
@@ -44,6 +45,9 @@ from nodes.base import (
 #: built predictors of this process: (member, weights_dir, weights_file, device, tta) -> predictor
 _PREDICTORS: dict[tuple, object] = {}
 #: which input trait carries each image a member may ask for (see models/registry.py)
+#: the settings of the post-processing as applied (``auto`` resolved), for the mask's sidecar
+APPLIED_KEYS = ("member", "threshold", "min_lesion_ml", "contrast_check", "mirror_check", "mirror_ratio", "detect_lesions",
+                "detect_low", "grow_lesions", "grow_low", "tta")
 _INPUT_TRAITS = {"dwi_norm": "dwi_norm_file", "adc_norm": "adc_norm_file", "trace": "trace_file",
                  "adc": "adc_file", "flair": "flair_file"}
 
@@ -56,34 +60,6 @@ def _on_off_auto(choice: str, given, recommended, default: float) -> tuple[str, 
     if isdefined(given):
         return choice, float(given)
     return choice, default if recommended is None else float(recommended)
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover - broken torch install
-        return False
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' if available else 'cpu'; 'cuda' without a GPU -> :class:`UsageError`."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device == "cuda" and not cuda_available():
-        raise UsageError("device 'cuda' requested but no CUDA GPU is usable by torch "
-                         "(torch.cuda.is_available() is False); use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return device
-
-
-def wants_gpu(device: str) -> bool:
-    """Value for the ``use_gpu`` input: True when ``device`` resolves to CUDA."""
-    device = (device or "auto").lower()
-    return device == "cuda" or (device == "auto" and cuda_available())
 
 
 def get_predictor(member: str, weights_dir=None, device: str = "cpu", tta: bool = False, weights_file=None,
@@ -172,6 +148,7 @@ class _SegmentOutputSpec(DecisionOutputSpec):
     member = traits.Str(desc="member that produced the outputs")
     weights_sha256 = traits.Str(desc="SHA-256 of the weights (sha256sum lines for several files)")
     device = traits.Str(desc="device actually used")
+    postprocessing = traits.Dict(desc="post-processing applied (settings and counts): the mask sidecar's record")
 
 
 class SegmentLesions(DecisionInterface):
@@ -274,7 +251,9 @@ class SegmentLesions(DecisionInterface):
                     f"TTA {'on' if self.inputs.tta else 'off'}, seed {self.inputs.seed}.")
         self.decide(f"Model {'reused from this process' if cached else 'built'} in {t_build:.1f} s; "
                     f"inference {t_pred:.1f} s.")
-        self.decide(f"Mask = probability >= {threshold:g}"
+        steps = [n for n, v in (("contrast check", check), ("mirror check", mirror), ("detection", detect),
+                                ("growth", grow)) if v == "on"]
+        self.decide(f"Mask = probability >= {threshold:g}" + (f", then {', '.join(steps)}" if steps else "")
                     + (f"; {removed} component(s) under {min_ml:g} ml removed." if min_vox > 1 else "."))
         n_vox = int(mask.sum())
         if n_vox == 0:
@@ -283,7 +262,7 @@ class SegmentLesions(DecisionInterface):
             self.decide(f"{n_vox} lesion voxels ({n_vox * voxel_ml:.2f} ml).")
         if not sha_text:
             self.decide(f"Member '{member}' did not report a weights checksum.", "warning")
-        for key, value in {
+        values = {
             "member": member, "device": device, "device_requested": self.inputs.device,
             "num_threads": threads, "tta": bool(self.inputs.tta), "seed": int(self.inputs.seed),
             "threshold": threshold, "min_lesion_ml": float(min_ml), "components_removed": removed,
@@ -296,10 +275,12 @@ class SegmentLesions(DecisionInterface):
             "weights_sha256": sha if isinstance(sha, dict) else sha_text,
             "build_seconds": round(t_build, 3), "inference_seconds": round(t_pred, 3),
             "lesion_voxels": n_vox, "lesion_ml": round(n_vox * voxel_ml, 4),
-        }.items():
+        }
+        for key, value in values.items():
             self.record(key, value)
+        applied = {k: values[k] for k in APPLIED_KEYS if values[k] is not None}
         self._results.update(prob_file=str(prob_file), mask_file=str(mask_file), member=member,
-                             weights_sha256=sha_text, device=device)
+                             weights_sha256=sha_text, device=device, postprocessing=applied)
         return runtime
 
     def _contrast_pair(self, loaded):

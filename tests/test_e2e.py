@@ -70,6 +70,11 @@ def test_masks_on_the_input_grid(run, subject):
     assert len(sidecar["Models"][0]["weights_sha256"]) == 64
     assert sidecar["PostProcessing"] == {"MinLesionMl": None, "ContrastCheck": "auto", "GrowLesions": "auto",
                                          "DetectLesions": "auto", "MirrorCheck": "off"}
+    applied = sidecar["PostProcessingApplied"]["builtin"]  # "auto" resolved from the weights' sidecar
+    assert applied["threshold"] == 0.5 and applied["grow_lesions"] in ("on", "off")
+    assert applied["contrast_check"] in ("on", "off") and applied["detect_lesions"] in ("on", "off")
+    assert ("grow_low" in applied) == (applied["grow_lesions"] == "on")
+    assert sidecar["EnsembleRule"] == "identity (single member)"
     for suffix in ("label-lesion_probseg.nii.gz", "desc-preproc_trace.nii.gz",
                    "desc-preproc_ADC.nii.gz", "desc-brain_mask.nii.gz", "desc-lesion_stats.tsv"):
         assert (run["out"] / folder / f"{name}_{suffix}").is_file(), suffix

@@ -23,7 +23,7 @@ def test_heap_is_released_when_the_run_fails():
     assert gc.get_freeze_count() == 0
 
 
-def test_run_workflow_runs_nipype_inside_the_frozen_heap(monkeypatch):
+def test_run_workflow_runs_nipype_inside_the_frozen_heap(monkeypatch, tmp_path):
     seen = {}
 
     class RecordingWorkflow:
@@ -36,7 +36,7 @@ def test_run_workflow_runs_nipype_inside_the_frozen_heap(monkeypatch):
     monkeypatch.setattr(E, "_nipype_config", lambda config: None)
     # _run_workflow sets OMP_NUM_THREADS when unset: keep that out of the other tests
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
-    config = E.RunConfig(bids_dir=None, output_dir=None, analysis_level="participant", work_dir=None, nprocs=1)
+    config = E.RunConfig(bids_dir=None, output_dir=None, analysis_level="participant", work_dir=tmp_path, nprocs=1)
     gc.unfreeze()
     E._run_workflow(config, [], [], {})
     assert seen["plugin"] == "Linear" and seen["frozen"] > 0

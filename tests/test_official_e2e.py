@@ -65,7 +65,12 @@ def test_three_members_and_majority_vote_with_flair(run):
     assert np.allclose(_mask(run["out"], "flair", suffix="probseg")[1], mean_prob, atol=1e-6)
     sidecar = json.loads(path.with_suffix("").with_suffix(".json").read_text())
     assert [m["name"] for m in sidecar["Models"]] == list(members)
-    assert sidecar["EnsembleRule"] == "majority vote"
+    assert sidecar["EnsembleRule"] == "majority vote (>= 2 of 3)"
+    assert sorted(sidecar["PostProcessingApplied"]) == sorted(members)
+    assert any(s.endswith("_FLAIR.nii.gz") for s in sidecar["Sources"])  # FACTORIZER read it
+    member = json.loads(_mask(run["out"], "flair", "seals")[0].with_suffix("").with_suffix(".json").read_text())
+    assert [m["name"] for m in member["Models"]] == ["seals"] and list(member["PostProcessingApplied"]) == ["seals"]
+    assert not any(s.endswith("_FLAIR.nii.gz") for s in member["Sources"])  # SEALS did not
 
 
 def test_without_flair_seals_and_nvauto_only(run):
@@ -77,6 +82,9 @@ def test_without_flair_seals_and_nvauto_only(run):
     assert np.array_equal(_mask(out, "noflair")[1], expected)
     report = (out / "sub-noflair.html").read_text()
     assert "factorizer" in report and "FLAIR" in report
+    sidecar = json.loads((out / "sub-noflair/dwi/sub-noflair_label-lesion_mask.json").read_text())
+    assert [m["name"] for m in sidecar["Models"]] == ["seals", "nvauto"]  # only the members that ran
+    assert sidecar["EnsembleRule"].startswith("majority vote (>= 2 of 2); ties")
 
 
 def test_provenance_lists_every_weight_file(run):

@@ -169,3 +169,18 @@ def test_second_identical_run_is_fully_cached(dataset, reference):
     after = node_results(reference["work"])
     assert after == before
     assert derivatives(reference["out"]) == reference["files"]
+
+
+def test_deleted_outputs_are_written_again(dataset, reference):
+    """Outputs deleted after a finished run come back, byte-identical, when the same command is run
+    with the same work directory (the sinks run again; every other node stays cached)."""
+    import shutil
+
+    base, bids = dataset
+    before = node_results(reference["work"])
+    shutil.rmtree(reference["out"] / f"sub-{SUBJECTS[0]}")
+    run_cli(bids, reference["out"], reference["work"], nprocs=1)
+    assert derivatives(reference["out"]) == reference["files"]
+    after = node_results(reference["work"])
+    rerun = sorted(k for k, mtime in before.items() if after.get(k) != mtime)
+    assert rerun and all("/ds_" in k for k in rerun), rerun

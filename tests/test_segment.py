@@ -313,14 +313,7 @@ def test_unknown_member(tmp_path, inputs, standin):
         node.run(cwd=str(tmp_path))
 
 
-def test_device_resolution_and_gpu_flag(monkeypatch):
-    monkeypatch.setattr(S, "cuda_available", lambda: False)
-    assert S.resolve_device("auto") == "cpu" and S.resolve_device("cpu") == "cpu"
-    assert not S.wants_gpu("auto") and S.wants_gpu("cuda") and not S.wants_gpu("cpu")
-    with pytest.raises(UsageError, match="cuda"):
-        S.resolve_device("cuda")
-    monkeypatch.setattr(S, "cuda_available", lambda: True)
-    assert S.resolve_device("auto") == "cuda" and S.wants_gpu("auto")
+def test_gpu_flag_of_the_node():
     node = pe.Node(S.SegmentLesions(use_gpu=True), name="seg")
     assert node.is_gpu_node()
     assert not pe.Node(S.SegmentLesions(), name="seg2").is_gpu_node()
