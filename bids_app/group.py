@@ -2,7 +2,8 @@
 
 One row per subject/session with lesion biomarkers (``sub-*/[ses-*/]dwi/*_desc-lesion_stats.tsv``) and
 the models of the mask sidecar; sessions that failed (crash files or a FAILED status in the subject
-report) and left no biomarkers get a row with ``status = failed`` and ``n/a`` values.
+report) and left no biomarkers get a row with ``status = failed`` and ``n/a`` values; sessions whose
+latest run failed but an earlier run left biomarkers are ``stale``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 
 from bids_app.errors import NoDataError
-from bids_app.report.common import find_crashes, read_json, strip_prefix
+from bids_app.report.common import current_crashes, read_json, strip_prefix
 from bids_app.report.group import GROUP_TSV, build_group_report
 from bids_app.report.subject import STATUS_FAILED, read_report_status
 from nodes.base import atomic_write_text, write_json_atomic
@@ -36,7 +37,9 @@ DATA_DICTIONARY = {
     "status": {"Description": "Outcome of the participant-level run for this session.",
                "Levels": {"ok": "lesion mask and biomarkers written, lesion found",
                           "no lesion": "biomarkers written, the mask is empty",
-                          "failed": "the run failed before writing biomarkers"}},
+                          "failed": "the run failed before writing biomarkers",
+                          "stale": "the latest run of this session failed; the values are those an "
+                                   "earlier run wrote"}},
 }
 _STATS_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_desc-lesion_stats\.tsv$")
 
@@ -92,7 +95,7 @@ def _failed_rows(output_dir: Path, done: set) -> list[dict]:
     for sub in sorted(subjects):
         label = strip_prefix(sub, "sub")
         failed: set = set()
-        for crash in find_crashes(output_dir, label):
+        for crash in current_crashes(output_dir, label)[0]:
             failed.add(f"ses-{crash['session']}" if crash["session"] else None)
         for ses, status in read_report_status(output_dir / f"{sub}.html").items():
             if status == STATUS_FAILED:
@@ -105,6 +108,18 @@ def _failed_rows(output_dir: Path, done: set) -> list[dict]:
     return rows
 
 
+def _mark_stale(output_dir: Path, rows: list[dict]) -> None:
+    """Rows whose session failed in its latest participant run (current crash files) are ``stale``."""
+    crashed: dict[str, set] = {}
+    for row in rows:
+        sub = row["participant_id"]
+        if sub not in crashed:
+            crashed[sub] = {c["session"] for c in current_crashes(output_dir, strip_prefix(sub, "sub"))[0]}
+        ses = strip_prefix(row["session_id"], "ses") if row["session_id"] else None
+        if ses in crashed[sub] or None in crashed[sub]:  # a crash naming no session: the whole subject
+            row["status"] = "stale"
+
+
 def run_group(output_dir) -> dict:
     """Write ``group_lesions.tsv``, ``group_lesions.json`` and ``group_lesions.html``; return a summary.
 
@@ -112,6 +127,7 @@ def run_group(output_dir) -> dict:
     """
     output_dir = Path(output_dir)
     rows = _stats_rows(output_dir)
+    _mark_stale(output_dir, rows)
     done = {(r["participant_id"], r["session_id"]) for r in rows}
     rows += _failed_rows(output_dir, done)
     if not rows:

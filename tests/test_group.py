@@ -61,7 +61,7 @@ def test_group_table(tmp_path):
     assert set(dictionary) == set(head)
     assert all(dictionary[c].get("Description") for c in head)
     assert dictionary["total_volume_ml"]["Units"] == "mL"
-    assert set(dictionary["status"]["Levels"]) == {"ok", "no lesion", "failed"}
+    assert set(dictionary["status"]["Levels"]) == {"ok", "no lesion", "failed", "stale"}
 
     html = (out / "group_lesions.html").read_text()
     b64 = html.split('src="data:image/png;base64,')[1].split('"')[0]
@@ -83,3 +83,41 @@ def test_failed_by_report_only(tmp_path):
 def test_no_data(tmp_path):
     with pytest.raises(NoDataError):
         run_group(tmp_path)
+
+
+def _crash(out, sub, run_id, ses="1"):
+    log = out / f"sub-{sub}" / "log" / run_id
+    log.mkdir(parents=True, exist_ok=True)
+    (log / f"crash-sub-{sub}_ses-{ses}-load.txt").write_text(
+        f"Node: load\nSession: sub-{sub}_ses-{ses}\n\nTraceback (most recent call last):\n"
+        f"InputError: /data/sub-{sub}_ses-{ses}_adc.nii.gz: truncated or corrupt image data\n")
+
+
+def _ran(out, sub, run_id, sessions=("1",)):
+    log = out / f"sub-{sub}" / "log" / run_id
+    log.mkdir(parents=True, exist_ok=True)
+    (log / "sessions.json").write_text(json.dumps({"run_id": run_id, "sessions": list(sessions)}))
+
+
+def test_latest_run_decides_the_status(tmp_path):
+    """A crash that a later run superseded does not fail the session; a session whose latest run failed
+    keeps its earlier biomarkers but is 'stale'; without run records every crash counts (older outputs)."""
+    out = tmp_path / "out"
+    _session(out, "01", "1", "1\t1\t1\t0.6\t0.001")  # failed in run A, fixed in run B
+    _crash(out, "01", "20260101-000000_a")
+    _ran(out, "01", "20260101-000000_a")
+    _ran(out, "01", "20260102-000000_b")
+    _session(out, "02", "1", "2\t1\t2\t0.6\t0.001")  # ok in run A, failed in run B
+    _ran(out, "02", "20260101-000000_a")
+    _crash(out, "02", "20260102-000000_b")
+    _ran(out, "02", "20260102-000000_b")
+    _session(out, "03", "1", "3\t1\t3\t0.6\t0.001")  # no run records (outputs of an older version)
+    _crash(out, "03", "20260101-000000_a")
+    for sub in ("01", "02", "03"):
+        build_subject_report(out, sub)
+    rows = _read_tsv(Path(run_group(out)["tsv"]))[1]
+    assert [(r["participant_id"], r["status"], r["total_volume_ml"]) for r in rows] == [
+        ("sub-01", "ok", "1"), ("sub-02", "stale", "2"), ("sub-03", "stale", "3")]
+    html = (out / "sub-01.html").read_text()
+    assert '&#34;1&#34;: &#34;OK&#34;' in html and "superseded" in html
+    assert '&#34;1&#34;: &#34;FAILED&#34;' in (out / "sub-02.html").read_text()

@@ -82,7 +82,36 @@ def parse_crash_file(path) -> dict:
     }
 
 
+RUN_SESSIONS = "sessions.json"  # sub-<s>/log/<run id>/: the sessions a participant run processed
+
+
 def find_crashes(output_dir, subject: str) -> list[dict]:
     """All ``sub-<s>/log/*/crash-*.txt`` of a subject, parsed, oldest run first."""
     log = Path(output_dir) / f"sub-{subject}" / "log"
     return [parse_crash_file(p) for p in sorted(log.glob("*/crash-*.txt"))]
+
+
+def latest_runs(output_dir, subject: str) -> dict:
+    """``{session label or None: id of the newest participant run that processed it}``, from the
+    ``sessions.json`` each run leaves in ``sub-<s>/log/<run id>/`` (run ids sort by time)."""
+    out = {}
+    for path in sorted((Path(output_dir) / f"sub-{subject}" / "log").glob(f"*/{RUN_SESSIONS}")):
+        record = read_json(path)
+        if isinstance(record, dict):
+            for label in record.get("sessions") or []:
+                out[label] = path.parent.name
+    return out
+
+
+def current_crashes(output_dir, subject: str) -> tuple[list[dict], list[dict]]:
+    """``(current, superseded)`` crash files: a crash is superseded when a later participant run
+    processed its session again (that run's own crash files, if any, are the current ones)."""
+    crashes = find_crashes(output_dir, subject)
+    latest = latest_runs(output_dir, subject)
+    newest = max(latest.values()) if latest else None
+    current, superseded = [], []
+    for crash in crashes:
+        ses = crash["session"]
+        rid = latest.get(ses, newest if ses is None else None)
+        (current if rid is None or crash["run_id"] >= rid else superseded).append(crash)
+    return current, superseded

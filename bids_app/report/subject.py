@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bids_app.report.common import (
     CITATIONS,
+    current_crashes,
     environment,
-    find_crashes,
     fmt_value,
     read_json,
     strip_prefix,
@@ -157,7 +157,7 @@ def collect_subject(output_dir, subject, work_dir=None) -> dict:
     output_dir = Path(output_dir)
     subject = strip_prefix(subject, "sub")
     reportlets = Path(work_dir) / "reportlets" / f"sub-{subject}" if work_dir else None
-    crashes = find_crashes(output_dir, subject)
+    crashes, superseded = current_crashes(output_dir, subject)
     sessions = _session_labels(output_dir, reportlets, subject)
     crash_sessions = {c["session"] for c in crashes}
     if sessions:  # a crashed session may have left nothing else
@@ -169,7 +169,8 @@ def collect_subject(output_dir, subject, work_dir=None) -> dict:
     if orphans:  # crashes that name no session we know: they affect the whole subject
         for v in views:
             v["status"] = STATUS_FAILED
-    return {"subject": subject, "sessions": views, "crashes": crashes, "orphan_crashes": orphans}
+    return {"subject": subject, "sessions": views, "crashes": crashes, "orphan_crashes": orphans,
+            "superseded_crashes": superseded}
 
 
 def build_subject_report(output_dir, subject, work_dir=None, run_info=None) -> Path:
@@ -183,7 +184,7 @@ def build_subject_report(output_dir, subject, work_dir=None, run_info=None) -> P
     models = info.pop("models", None)
     html = environment().get_template("subject.html").render(
         subject=data["subject"], sessions=data["sessions"], crashes=data["crashes"],
-        orphan_crashes=data["orphan_crashes"], run_info={k: fmt_value(v) for k, v in info.items()},
+        orphan_crashes=data["orphan_crashes"], superseded_crashes=data["superseded_crashes"], run_info={k: fmt_value(v) for k, v in info.items()},
         run_models=_models(models),
         citations=CITATIONS, status_meta=STATUS_META, status_json=json.dumps(statuses, sort_keys=True),
         step_order=STEP_ORDER,
