@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 APP_NAME = "deepisles-bids"
+COMMAND = "deepisles"  # the console script (pyproject.toml) and the images' entry point
 
 import os as _os
 

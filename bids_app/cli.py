@@ -11,9 +11,10 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
-from bids_app import APP_NAME, __version__
+from bids_app import APP_NAME, COMMAND, __version__
 from bids_app.config import RunConfig, default_nprocs, parse_memory_gb
 from bids_app.errors import DeepIslesError, InputError, UsageError
 
@@ -170,7 +171,7 @@ def parse_config(argv) -> RunConfig:
         mirror_check=args.mirror_check,
         stop_on_first_crash=args.stop_on_first_crash, reports_only=args.reports_only,
         random_seed=args.random_seed, verbose=args.verbose,
-        command_line=shlex.join([APP_NAME, *argv]),
+        command_line=shlex.join([COMMAND, *argv]),
     )
 
 
@@ -182,9 +183,10 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(name).propagate = False  # nipype prints its own lines
 
 
-def _prepare_environment(config: RunConfig) -> None:
-    """Caches outside HOME (read-only or foreign HOME on clusters), nothing from the network."""
-    cache = config.work_dir / ".cache"
+def _prepare_environment(config: RunConfig, cache: Path | None = None) -> None:
+    """Caches outside HOME (read-only or foreign HOME on clusters), nothing from the network.
+    ``cache``: where they go (default: ``.cache`` in the work directory)."""
+    cache = config.work_dir / ".cache" if cache is None else Path(cache)
     home = os.environ.get("HOME")
     if home and os.path.isdir(home) and not os.access(home, os.R_OK | os.X_OK):
         # a HOME this user cannot even read (HOME=/root for a non-root container user): pybids looks
@@ -208,12 +210,23 @@ def main(argv=None) -> int:
             return main_evaluate(argv[1:])
         config = parse_config(argv)
         _setup_logging(config.verbose)
-        _prepare_environment(config)
         if config.analysis_level == "group":
-            from bids_app.group import run_group
+            # no work directory at this level: caches (matplotlib's fonts) in a temporary folder, so
+            # that nothing is written beside the outputs or in the current directory
+            try:
+                tmp = tempfile.TemporaryDirectory(prefix="deepisles-group-")
+            except OSError:  # no writable temporary folder at all: the work directory, as before
+                tmp = None
+            try:
+                _prepare_environment(config, Path(tmp.name) / ".cache" if tmp else None)
+                from bids_app.group import run_group
 
-            run_group(config.output_dir)
+                run_group(config.output_dir)
+            finally:
+                if tmp:
+                    tmp.cleanup()
             return 0
+        _prepare_environment(config)
         from bids_app.derivatives import ensure_writable_dir  # imports pybids: after the HOME check
 
         ensure_writable_dir(config.output_dir)
