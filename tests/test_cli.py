@@ -109,3 +109,20 @@ def test_uncreatable_output_dir_is_73(tmp_path, capsys):
     code = main([str(DEMO), "/proc/deepisles-out", "participant", "-w", str(tmp_path / "w")])
     assert code == 73
     assert "/proc/deepisles-out" in capsys.readouterr().err
+
+
+def test_group_level_writes_nothing_in_the_current_directory(tmp_path):
+    from tests.test_group import _session
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    out = tmp_path / "out"
+    _session(out, "01", None, "1\t1\t1\t0.6\t0.001")
+    here = tmp_path / "cwd"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "bids_app.cli", str(bids), str(out), "group"], cwd=str(here),
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "group_lesions.tsv").is_file() and not list(here.iterdir())
