@@ -48,6 +48,18 @@ def read_bvals(path) -> np.ndarray:
     return vals
 
 
+def raw_geometry(path) -> tuple[np.ndarray, int, int] | None:
+    """``(pixdim[1:4], qform_code, sform_code)`` as stored in the file, before nibabel repairs the header
+    (it sets zero voxel sizes to 1 while loading); ``None`` when the header cannot be read this way."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as handle:
+            header = nib.Nifti1Header.from_fileobj(handle, check=False)
+        return (np.asarray(header["pixdim"][1:4], dtype=float), int(header["qform_code"]),
+                int(header["sform_code"]))
+    except Exception:  # NIfTI-2, unusual openers: nibabel's own checks stand
+        return None
+
+
 def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = None) -> np.ndarray:
     """Validate one image (``kind``: 'dwi', 'adc' or 'flair'); return its squeezed data.
 
@@ -77,6 +89,10 @@ def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = No
         raise InputError(path, "image is empty (all voxels are zero)")
     if float(data.max()) == float(data.min()):
         raise InputError(path, f"image is constant (every voxel is {float(data.min()):g})")
+    raw = raw_geometry(path)
+    if raw is not None and raw[1] == 0 and raw[2] == 0 and not np.all(np.abs(raw[0]) > 0):
+        raise InputError(path, f"voxel sizes {raw[0].tolist()} in the header and no sform/qform: the voxel grid "
+                               "is unknown")
     aff = np.asarray(img.affine, dtype=float)
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)  # nibabel repairs zero pixdim to 1
     zooms_affine = np.sqrt((aff[:3, :3] ** 2).sum(0)) if np.all(np.isfinite(aff)) else zooms
@@ -150,6 +166,10 @@ class LoadInputs(DecisionInterface):
                 f"{kind.upper()} {os.path.basename(str(path))}: {'x'.join(map(str, info['shape']))} voxels of "
                 f"{'x'.join(f'{z:g}' for z in info['voxel_size_mm'])} mm, {info['orientation']}"
             )
+            raw = raw_geometry(path)
+            if raw is not None and raw[1] == 0 and raw[2] == 0:
+                self.decide(f"{kind.upper()} has no sform/qform (codes 0): its orientation in the world is unknown; "
+                            "the voxel axes are taken as RAS with the header's voxel sizes", "warning")
             if info["oblique"]:
                 self.decide(f"{kind.upper()} is oblique ({info['obliquity_deg']:.1f} deg); kept on its native grid")
         if not _given(self.inputs.adc_file) and not self._results["is_raw"]:

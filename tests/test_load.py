@@ -1,6 +1,7 @@
 """Tests of nodes/load.py (LoadInputs) on the real sample case and synthetic invalid inputs."""
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -131,6 +132,34 @@ def test_singular_affine(tmp_path):
     path.write_bytes(gzip.compress(img.to_bytes()))
     with pytest.raises(InputError, match="affine|voxel sizes"):
         run(tmp_path, dwi_file=path)
+
+
+def _no_world(data, pixdim):
+    """A header without sform/qform whose voxel sizes are ``pixdim`` (as some converters write)."""
+    img = nib.Nifti1Image(data, None)
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    raw = bytearray(img.to_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])), check=False)
+    hdr["pixdim"][1:4] = pixdim
+    raw[:348] = hdr.binaryblock
+    return gzip.compress(bytes(raw))
+
+
+def test_zero_voxel_sizes_without_sform_or_qform(tmp_path):
+    """nibabel sets zero voxel sizes to 1 while loading: the grid would silently become 1 mm."""
+    path = tmp_path / "d.nii.gz"
+    path.write_bytes(_no_world(vol(), [0, 0, 0]))
+    with pytest.raises(InputError, match=r"d.nii.gz: voxel sizes \[0.0, 0.0, 0.0\] in the header and no sform/qform"):
+        run(tmp_path, dwi_file=path)
+
+
+def test_no_sform_or_qform_is_a_warning(tmp_path):
+    path = tmp_path / "d.nii.gz"
+    path.write_bytes(_no_world(vol(), [2, 2, 2]))
+    out = run(tmp_path, dwi_file=path)
+    warnings = [d["text"] for d in out.decisions["items"] if d.get("level") == "warning"]
+    assert any("no sform/qform" in w for w in warnings), warnings
 
 
 def test_not_nifti(tmp_path):
