@@ -84,10 +84,20 @@ def group_shells(bvals) -> list[tuple[float, np.ndarray]]:
     return [(float(np.mean(bvals[s])), np.array(sorted(s))) for s in shells]
 
 
-def _check_bvecs(bvecs, n: int) -> np.ndarray | None:
+def _unit_misfit(vecs: np.ndarray, bvals) -> float:
+    """How far the vectors of the diffusion-weighted volumes are from unit length (0 for a perfect table)."""
+    weighted = np.asarray(bvals, dtype=float) > B0_MAX
+    return float(np.abs(np.linalg.norm(vecs[weighted], axis=1) - 1.0).sum()) if weighted.any() else 0.0
+
+
+def _check_bvecs(bvecs, n: int, bvals=None) -> np.ndarray | None:
+    """The b-vectors as ``n x 3`` rows; a file may store them 3 x n (BIDS, FSL) or n x 3. With exactly 3
+    volumes both read; the layout whose diffusion-weighted vectors are closer to unit length wins."""
     if bvecs is None:
         return None
     bvecs = np.asarray(bvecs, dtype=float)
+    if n == 3 and bvecs.shape == (3, 3) and bvals is not None:
+        return min((bvecs.T, bvecs), key=lambda v: _unit_misfit(v, bvals))  # ties: 3 x n, the standard
     if bvecs.ndim == 2 and bvecs.shape[0] == 3 and bvecs.shape[1] == n:
         return bvecs.T
     if bvecs.ndim == 2 and bvecs.shape == (n, 3):
@@ -115,7 +125,7 @@ def compute_trace_adc(data4d, bvals, bvecs=None) -> tuple[np.ndarray, np.ndarray
         raise DiffusionError(f"{bvals.size} b-values for {n} volumes in the DWI", "bval")
     if not np.all(np.isfinite(bvals)) or np.any(bvals < 0):
         raise DiffusionError("b-values must be finite and non-negative", "bval")
-    vecs = _check_bvecs(bvecs, n)
+    vecs = _check_bvecs(bvecs, n, bvals)
     b0_idx = np.flatnonzero(bvals <= B0_MAX)
     if b0_idx.size == 0:
         raise DiffusionError(f"no b=0 volume (b <= {B0_MAX:g}); b-values present: {_fmt_b(bvals)}", "bval")
@@ -141,6 +151,9 @@ def compute_trace_adc(data4d, bvals, bvecs=None) -> tuple[np.ndarray, np.ndarray
     s0 = data4d[..., b0_idx].astype(np.float64).mean(axis=3)
     shell = data4d[..., idx].astype(np.float64)
     trace = np.exp(np.log(np.maximum(shell, EPS)).mean(axis=3))
+    # background (no signal in any direction) stays exactly 0: brain extraction reads exact zeros as
+    # "already skull-stripped", as for a trace given directly (exp(log(EPS)) is a hair above EPS)
+    trace = np.where(np.any(shell > 0, axis=3), trace, 0.0)
     valid = np.isfinite(s0) & (s0 > 0) & np.isfinite(trace) & (trace > EPS)
     with np.errstate(divide="ignore", invalid="ignore"):
         adc = np.where(valid, np.log(s0 / np.where(valid, trace, 1.0)) / b_shell, 0.0) * 1000.0

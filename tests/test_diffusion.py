@@ -89,9 +89,18 @@ def test_background_is_zero_and_clipped():
     data[0, 0, 0] = 0  # no signal
     data[1, 0, 0, 0] = -5  # negative S0
     data[2, 0, 0, 1:] = 1e-9  # trace ~ 0: huge ADC -> clipped
-    _, adc, _ = compute_trace_adc(data, bvals, bvecs)
+    trace, adc, _ = compute_trace_adc(data, bvals, bvecs)
     assert adc[0, 0, 0] == 0 and adc[1, 0, 0] == 0
     assert 0 <= adc.min() and adc.max() <= 10
+    assert trace[0, 0, 0] == 0  # exactly: brain extraction reads exact zeros as "already stripped"
+
+
+def test_three_volumes_bvec_layout_from_the_b_values():
+    """With 3 volumes a 3 x 3 table reads both ways; the b=0 row must not be taken as a direction."""
+    data, bvals, bvecs, _ = _tensor_phantom(dirs=SIX_DIRS[:2])  # b0 + 2 directions
+    for table in (bvecs, bvecs.T):  # 3 x N (BIDS) and N x 3
+        _, _, info = compute_trace_adc(data, bvals, table)
+        assert not any("null b-vector" in w for w in info["warnings"]), info["warnings"]
 
 
 def test_simulated_raw_dataset_matches_sample_adc():
