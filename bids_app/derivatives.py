@@ -103,3 +103,18 @@ def write_dataset_description(output_dir, bids_dir, models: list[dict], containe
     }
     write_json_atomic(description, output_dir / "dataset_description.json")
     atomic_write_text(BIDSIGNORE, output_dir / ".bidsignore")
+
+
+def output_conflict(output_dir, entities: dict, dwi_uri: str) -> str | None:
+    """Why this session's outputs must not be written, or ``None``: the folder already holds the lesion
+    mask of another image under the same names (another run or acquisition of the same session, whose
+    outputs would be silently replaced)."""
+    sidecar = derivative_path(output_dir, entities, datatype="dwi", label="lesion", suffix="mask",
+                              extension=".json")
+    earlier = (_read_json_object(sidecar) or {}).get("SpatialReference")
+    if not earlier or earlier == dwi_uri:
+        return None
+    return (f"{sidecar}: holds the lesion mask of {earlier}; this run would replace it with that of {dwi_uri} "
+            "(one image per session is processed and the names carry no run or acquisition): write to "
+            "another output directory")
+

@@ -319,13 +319,13 @@ def _session(root, sub, ses, files, aux) -> SessionInputs:
                 extra += [note] if note else []
                 cands.append(((0, diff) + _sort_key(img), "isles22", img, adc, None, None, extra))
             elif bval:
-                unusable.append((img, nvol, f"missing ADC: {img.path} has one volume and no *_adc/_ADC "
+                unusable.append((img, nvol, f"{img.path}: missing ADC: one volume and no *_adc/_ADC "
                                             "(a .bval is present but a single volume cannot give an ADC)"))
             else:
-                unusable.append((img, nvol, f"missing ADC: {img.path} has no *_adc/_ADC and no .bval/.bvec"))
+                unusable.append((img, nvol, f"{img.path}: missing ADC: no *_adc/_ADC and no .bval/.bvec"))
         else:
-            unusable.append((img, nvol, f"missing b-values: {img.path} is 4-D with {nvol} volumes "
-                                        "but has no .bval/.bvec to compute trace and ADC from"))
+            unusable.append((img, nvol, f"{img.path}: missing b-values: 4-D with {nvol} volumes "
+                                        "but no .bval/.bvec to compute trace and ADC from"))
     flair = None
     if files["flair"]:
         flairs = sorted(files["flair"], key=_sort_key)
@@ -335,14 +335,14 @@ def _session(root, sub, ses, files, aux) -> SessionInputs:
                          f"not used: {', '.join(rel(f) for f in flairs[1:])}")
     if not cands:
         if unusable or files["trace"]:
-            imgs = [(f, 1, f"missing ADC: {f.path} has no *_adc/_ADC") for f in sorted(files["trace"], key=_sort_key)]
+            imgs = [(f, 1, f"{f.path}: missing ADC: no *_adc/_ADC") for f in sorted(files["trace"], key=_sort_key)]
             img, nvol, problem = (imgs + unusable)[0]
             kind = (_trace_layout(img) if img in files["trace"]
                     else "raw-dwi" if (nvol or 0) > 2 else "isles22")
             notes.append(problem)
             return SessionInputs(sub, ses, kind, Path(img.path), None, None, None, flair, notes, problem)
         adc = adcs[0]
-        problem = f"missing DWI: {adc.path} has no matching *_dwi or *_trace image"
+        problem = f"{adc.path}: missing DWI: no matching *_dwi or *_trace image"
         notes.append(problem)
         kind = "isles22" if adc.entities.get("suffix") == "adc" else _trace_layout(adc)
         return SessionInputs(sub, ses, kind, None, Path(adc.path), None, None, flair, notes, problem)
@@ -359,6 +359,6 @@ def _session(root, sub, ses, files, aux) -> SessionInputs:
         notes.append(f"not used: {', '.join(rel(a) for a in adcs)} (the ADC is computed from the raw DWI)")
     for f, _, problem in unusable:
         if f is not img:
-            notes.append(f"ignored {rel(f)} ({problem.split(':', 1)[0]})")
+            notes.append(f"ignored {rel(f)} ({problem.split(': ', 2)[1]})")
     return SessionInputs(sub, ses, kind, Path(img.path), Path(adc.path) if adc is not None else None,
                          bval, bvec, flair, notes, None)

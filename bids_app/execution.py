@@ -10,21 +10,21 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.config import RunConfig
-from bids_app.derivatives import write_dataset_description
+from bids_app.derivatives import output_conflict, write_dataset_description
 from bids_app.errors import DeepIslesError, UsageError, WeightsError
-from bids_app.paths import crash_dir, reportlets_dir, session_name
+from bids_app.paths import bids_uri, crash_dir, reportlets_dir, session_name
 from nodes.base import atomic_write_text, write_json_atomic
 
 LOGGER = logging.getLogger("deepisles")
 EXIT_BY_ERROR = {"InputError": 66, "WeightsError": 66, "OutputError": 73}
 
 
-def _write_error_file(config: RunConfig, session, step: str, message: str) -> Path:
+def _write_error_file(config: RunConfig, session, step: str, message: str, error: str = "InputError") -> Path:
     """A crash file in nipype's text format for a session that never reached the workflow."""
     path = crash_dir(config, session.subject) / f"crash-{session_name(session)}-{step}.txt"
     atomic_write_text(f"Node: {step}\nSession: {session_name(session)}\n\n"
                       f"Traceback (most recent call last):\n  (before the workflow)\n"
-                      f"InputError: {message}\n", path)
+                      f"{error}: {message}\n", path)
     return path
 
 
@@ -121,7 +121,9 @@ def _nipype_config(config: RunConfig) -> None:
     ncfg.set("execution", "check_version", "false")
     ncfg.set("execution", "hash_method", "content")
     ncfg.set("monitoring", "enabled", "false")
-    level = "INFO" if config.verbose else "WARNING"
+    # without -v nipype stays quiet: a failed step's traceback is in its crash file and the report, and
+    # the run ends with one "sub-<s>: <error>" line per failure (nipype printed ~35 lines per failure)
+    level = "INFO" if config.verbose else "CRITICAL"
     for name in ("workflow", "interface", "utils"):
         ncfg.set("logging", f"{name}_level", level)
     nlogging.update_logging(ncfg)
@@ -228,9 +230,17 @@ def run_participant(config: RunConfig) -> int:
             if dropped:
                 session.notes.append(f"no FLAIR: ensemble member(s) {', '.join(dropped)} cannot run "
                                      "for this session; the others are combined")
+            for note in session.notes:
+                if "not used:" in note:  # several images could be this session's: say which one on the console
+                    LOGGER.warning("%s: %s", session_name(session), note)
+            conflict = None if session.problem else output_conflict(
+                config.output_dir, session.entities, bids_uri(config.bids_dir, session.dwi))
             write_json_atomic({**session.to_dict(), "step": "discovery"}, rdir / "discovery.json")
-            if session.problem:
-                LOGGER.error("%s: %s", session_name(session), session.problem)
+            if conflict:  # reported with the other failures at the end
+                _write_error_file(config, session, "outputs", conflict, "OutputError")
+                if config.stop_on_first_crash:
+                    break
+            elif session.problem:
                 _write_error_file(config, session, "discovery", session.problem)
                 if config.stop_on_first_crash:
                     break

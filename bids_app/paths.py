@@ -18,3 +18,15 @@ def reportlets_dir(work_dir, session) -> Path:
 
 def crash_dir(config, subject: str) -> Path:
     return Path(config.output_dir) / f"sub-{subject}" / "log" / config.run_id
+
+
+def bids_uri(bids_dir, path) -> str:
+    """``bids:raw:<path in the dataset>`` (``DatasetLinks.raw``), however either path is spelled
+    (symbolic links, relative parts); the path itself for a file outside the dataset."""
+    file = Path(path).absolute()  # not resolved: a DataLad/git-annex file links into .git/annex
+    for root in (Path(bids_dir).absolute(), Path(bids_dir).resolve()):
+        try:
+            return f"bids:raw:{file.relative_to(root).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)

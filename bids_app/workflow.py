@@ -10,7 +10,7 @@ from nipype.pipeline import engine as pe
 from bids_app.config import RunConfig
 from bids_app.discovery import SessionInputs
 from bids_app.segmentation_wf import init_segmentation_wf
-from bids_app.paths import crash_dir, reportlets_dir, session_name
+from bids_app.paths import bids_uri, crash_dir, reportlets_dir, session_name
 
 
 def init_deepisles_wf(sessions: list[SessionInputs], config: RunConfig, members: list[str],
@@ -135,11 +135,11 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
     from nodes.ensemble import rule_text
 
     ref = session.dwi
-    sources = [_bids_uri(config, p) for p in (session.dwi, session.adc, session.bval, session.bvec)
+    sources = [bids_uri(config.bids_dir, p) for p in (session.dwi, session.adc, session.bval, session.bvec)
                if p is not None]
-    spatial = _bids_uri(config, session.dwi)
+    spatial = bids_uri(config.bids_dir, session.dwi)
     used = [p for p in provenance if p.get("name") in members]  # the members that ran for this session
-    seg_sources = sources + ([_bids_uri(config, session.flair)]
+    seg_sources = sources + ([bids_uri(config.bids_dir, session.flair)]
                              if session.flair is not None and any(p.get("needs_flair") for p in used) else [])
     mask_meta = {
         "Type": "Lesion", "Description": "Acute ischemic stroke lesion (DWI/ADC), binary",
@@ -208,14 +208,3 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
     ds_figures = _sink("ds_figures", config, session, "figures", datatype="figures")
     wf.connect(figures, "figure_files", ds_figures, "in_file")
 
-
-def _bids_uri(config: RunConfig, path) -> str:
-    """``bids:raw:<path in the dataset>`` (``DatasetLinks.raw``), however either path is spelled
-    (symbolic links, relative parts); the path itself for a file outside the dataset."""
-    file = Path(path).absolute()  # not resolved: a DataLad/git-annex file links into .git/annex
-    for root in (Path(config.bids_dir).absolute(), Path(config.bids_dir).resolve()):
-        try:
-            return f"bids:raw:{file.relative_to(root).as_posix()}"
-        except ValueError:
-            continue
-    return str(path)

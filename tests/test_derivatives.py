@@ -1,11 +1,8 @@
 """Derivative dataset description and BIDS URIs of the sidecars."""
 
 import json
-from pathlib import Path
 
-from bids_app.config import RunConfig
-from bids_app.derivatives import write_dataset_description
-from bids_app.workflow import _bids_uri
+from bids_app.derivatives import output_conflict, write_dataset_description
 
 
 def _raw(tmp_path):
@@ -31,14 +28,13 @@ def test_description_links_the_raw_dataset_and_keeps_earlier_models(tmp_path):
     assert "sub-*/log/" in (out / ".bidsignore").read_text()
 
 
-def test_bids_uri_through_a_symbolic_link(tmp_path):
-    raw = _raw(tmp_path)
-    link = tmp_path / "link"
-    link.symlink_to(raw)
-    dwi = raw.resolve() / "sub-01" / "dwi" / "sub-01_dwi.nii.gz"  # discovery resolves the dataset root
-    for root in (raw, link):
-        config = RunConfig(bids_dir=Path(root).absolute(), output_dir=tmp_path / "out", analysis_level="participant",
-                           work_dir=tmp_path / "work")
-        assert _bids_uri(config, dwi) == "bids:raw:sub-01/dwi/sub-01_dwi.nii.gz"
-    outside = tmp_path / "elsewhere.nii.gz"
-    assert _bids_uri(config, outside) == str(outside)
+def test_outputs_of_another_image_are_not_replaced(tmp_path):
+    out = tmp_path / "out"
+    ents = {"subject": "01", "session": "1"}
+    assert output_conflict(out, ents, "bids:raw:sub-01/ses-1/dwi/sub-01_ses-1_run-1_dwi.nii.gz") is None
+    sidecar = out / "sub-01/ses-1/dwi/sub-01_ses-1_label-lesion_mask.json"
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text(json.dumps({"SpatialReference": "bids:raw:sub-01/ses-1/dwi/sub-01_ses-1_run-1_dwi.nii.gz"}))
+    assert output_conflict(out, ents, "bids:raw:sub-01/ses-1/dwi/sub-01_ses-1_run-1_dwi.nii.gz") is None  # resume
+    why = output_conflict(out, ents, "bids:raw:sub-01/ses-1/dwi/sub-01_ses-1_run-2_dwi.nii.gz")
+    assert why.startswith(f"{sidecar}: holds the lesion mask of bids:raw:") and "run-2" in why

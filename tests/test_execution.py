@@ -60,3 +60,22 @@ def test_workers_are_forked_without_a_probe_when_python_cannot_be_run_again(monk
     assert E._mp_context() == "fork" and not probes
     monkeypatch.setattr("multiprocessing.spawn.get_executable", lambda: os.path.realpath(sys.executable))
     assert E._mp_context() == "fork" and len(probes) == 1  # a runnable one is probed (here: a failing probe)
+
+
+def test_outputs_of_another_image_are_kept_and_the_session_fails(tmp_path, caplog):
+    """A session whose output names already hold another image's mask (e.g. run-1, now run-2) fails with
+    one line and exit 73 before any processing; the earlier outputs stay as they were."""
+    import json
+
+    from bids_app.cli import main
+    from tests.datasets import make_isles22
+
+    bids = make_isles22(tmp_path / "bids", subjects=("01",), sessions=False)
+    sidecar = tmp_path / "out" / "sub-01" / "dwi" / "sub-01_label-lesion_mask.json"
+    sidecar.parent.mkdir(parents=True)
+    earlier = json.dumps({"SpatialReference": "bids:raw:sub-01/dwi/sub-01_run-1_dwi.nii.gz"})
+    sidecar.write_text(earlier)
+    code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"), "--nprocs", "1"])
+    assert code == 73 and sidecar.read_text() == earlier
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "holds the lesion mask of bids:raw:sub-01/dwi/sub-01_run-1_dwi.nii.gz" in errors[0]
