@@ -20,6 +20,8 @@ PATH_PATTERNS = [
 
 BIDSIGNORE = """\
 *.html
+*_stats.tsv
+*_stats.json
 logs/
 sub-*/log/
 sub-*/figures/

@@ -230,6 +230,9 @@ def run_participant(config: RunConfig) -> int:
             if dropped:
                 session.notes.append(f"no FLAIR: ensemble member(s) {', '.join(dropped)} cannot run "
                                      "for this session; the others are combined")
+            elif session.flair is not None and not any(registry.get(m).needs_flair for m in members):
+                session.notes.append(f"FLAIR {session.flair.name} left aside: no selected model reads it "
+                                     "(neither loaded nor checked)")
             for note in session.notes:
                 if "not used:" in note:  # several images could be this session's: say which one on the console
                     LOGGER.warning("%s: %s", session_name(session), note)

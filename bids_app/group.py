@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from bids_app.errors import NoDataError
+from nodes.biomarkers import STATS_DICTIONARY
 from bids_app.report.common import current_crashes, read_json, strip_prefix
 from bids_app.report.group import GROUP_TSV, build_group_report
 from bids_app.report.subject import STATUS_FAILED, read_report_status
@@ -25,13 +26,7 @@ COLUMNS = ("participant_id", "session_id", "total_volume_ml", "lesion_count", "l
 DATA_DICTIONARY = {
     "participant_id": {"Description": "Participant label (sub-<label>)."},
     "session_id": {"Description": "Session label (ses-<label>); n/a when the dataset has no sessions."},
-    "total_volume_ml": {"Description": "Total volume of the predicted lesion mask (voxel count x voxel volume).",
-                        "Units": "mL"},
-    "lesion_count": {"Description": "Number of lesions: connected components of the mask, 26-connectivity.",
-                     "Units": "count"},
-    "largest_lesion_ml": {"Description": "Volume of the largest lesion (connected component).", "Units": "mL"},
-    "mean_adc_lesion": {"Description": "Mean apparent diffusion coefficient inside the lesion mask; n/a when "
-                        "the mask is empty.", "Units": "10^-3 mm^2/s"},
+    **{k: v for k, v in STATS_DICTIONARY.items() if k in COLUMNS},
     "models": {"Description": "Ensemble members that produced the mask (from the mask sidecar 'Models'), "
                "joined with '+'."},
     "status": {"Description": "Outcome of the participant-level run for this session.",

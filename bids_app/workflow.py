@@ -58,6 +58,7 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     from nodes.normalize import NormalizeIntensity
     from nodes.skullstrip import BrainExtraction
 
+    from models import registry
     from models.registry import members_for_session
 
     members, dropped = members_for_session(members, session.flair is not None)
@@ -70,9 +71,10 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
 
     inputnode = pe.Node(niu.IdentityInterface(fields=["dwi", "adc", "bval", "bvec", "flair"]),
                         name="inputnode")
+    reads_flair = any(registry.get(m).needs_flair for m in members)
     for field in ("dwi", "adc", "bval", "bvec", "flair"):
         value = getattr(session, field)
-        if value is not None:
+        if value is not None and (field != "flair" or reads_flair):  # an unused FLAIR is not even loaded
             setattr(inputnode.inputs, field, str(value))
     outputnode = pe.Node(niu.IdentityInterface(fields=["mask", "probseg", "stats"]),
                          name="outputnode")
@@ -132,6 +134,7 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
 def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, stats, figures,
                      outputnode):
     """Sinks for every derivative of one session."""
+    from nodes.biomarkers import STATS_DICTIONARY
     from nodes.ensemble import rule_text
 
     ref = session.dwi
@@ -172,7 +175,7 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
                                               reference=ref, meta={
                                                   "Type": "Brain", "Sources": sources,
                                                   "SpatialReference": spatial})),
-        ("ds_stats", stats, "stats_file", dict(desc="lesion", suffix="stats")),
+        ("ds_stats", stats, "stats_file", dict(desc="lesion", suffix="stats", meta=STATS_DICTIONARY)),
     ]
     for name, src, field, opts in sinks:
         sink = _sink(name, config, session, opts.pop("suffix"), reference=opts.pop("reference", None),

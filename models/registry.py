@@ -254,7 +254,9 @@ register(MemberSpec(
     name="builtin",
     description="Built-in 3-D U-Net (DWI + ADC), CPU-friendly, weights shipped with the app",
     needs_flair=False,
-    citation=DEEPISLES_CITATION,
+    # its own model, not DeepISLES: cite the app and its model card (synthetic training data, one held-out case)
+    citation="DeepISLES-BIDS built-in model: models/builtin/MODEL_CARD.md of this software (cite the software "
+             "version); not the DeepISLES ensemble",
     factory=_builtin_factory,
     inputs=("dwi_norm", "adc_norm"),
     official=False,

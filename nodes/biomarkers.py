@@ -20,6 +20,17 @@ from nodes.base import DecisionInputSpec, DecisionInterface, DecisionOutputSpec,
 #: Columns of the stats TSV, in order.
 STATS_COLUMNS = ("total_volume_ml", "lesion_count", "largest_lesion_ml", "mean_adc_lesion", "voxel_volume_ml")
 _INT_COLUMNS = {"lesion_count"}
+#: BIDS data dictionary of the stats table (its JSON sidecar; the group table reuses the entries)
+STATS_DICTIONARY = {
+    "total_volume_ml": {"Description": "Total volume of the predicted lesion mask (voxel count x voxel volume).",
+                        "Units": "mL"},
+    "lesion_count": {"Description": "Number of lesions: connected components of the mask, 26-connectivity.",
+                     "Units": "count"},
+    "largest_lesion_ml": {"Description": "Volume of the largest lesion (connected component).", "Units": "mL"},
+    "mean_adc_lesion": {"Description": "Mean apparent diffusion coefficient inside the lesion mask; n/a when "
+                        "the mask is empty.", "Units": "10^-3 mm^2/s"},
+    "voxel_volume_ml": {"Description": "Volume of one voxel of the DWI grid.", "Units": "mL"},
+}
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 

@@ -2,7 +2,8 @@
 
 Detection: a skull-stripped image has a large exactly-zero background and one compact non-zero
 component of brain-like volume (800-2000 ml). Then the mask is that component (holes filled) and the
-images are left unchanged. Otherwise dipy's ``median_otsu`` runs on the b0 (else the trace) on a
+images are left unchanged. Otherwise dipy's ``median_otsu`` runs on the b0 when one is given (the
+workflow gives none: a raw DWI is stripped from its computed trace, like a trace input), else the trace, on a
 working grid of about 2 mm (fast at 1 mm), followed by an opening that detaches the scalp, the
 largest component, a closing and hole filling; trace and ADC are multiplied by the mask.
 """

@@ -13,6 +13,7 @@ grid stays small.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -153,6 +154,27 @@ def b_not_nifti(root, sub):
 def b_empty_file(root, sub):
     dwi, _ = good_pair(root, sub)
     dwi.write_bytes(b"")
+
+
+def b_zero_pixdim(root, sub):
+    """Voxel sizes 0 and no sform/qform: nibabel would load it as a 1 mm grid."""
+    dwi, _ = good_pair(root, sub)
+    img = nib.load(str(dwi))
+    img = nib.Nifti1Image(np.asarray(img.dataobj), None)
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    raw = bytearray(img.to_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])), check=False)
+    header["pixdim"][1:4] = 0
+    raw[:348] = header.binaryblock
+    dwi.write_bytes(gzip.compress(bytes(raw), mtime=0))
+
+
+def b_corrupt_flair(root, sub):
+    """A FLAIR no selected model reads (the built-in model uses DWI + ADC): left aside, not a failure."""
+    good_pair(root, sub)
+    folder, stem = paths(root, sub, "anat")
+    (folder / f"{stem}_FLAIR.nii.gz").write_bytes(gzip.compress(b"not an image", mtime=0))
 
 
 def b_gzip_of_garbage(root, sub):
@@ -350,6 +372,8 @@ PARTICIPANT_CASES = [
     Case("adc4d", b_adc_4d, 66, "ADC must be 3-D, got 4-D", "_adc.nii.gz", "4-D ADC (3 volumes)"),
     Case("singular", b_singular_affine, 66, "voxel sizes must be positive", "_dwi.nii.gz",
          "affine with a zero-length axis"),
+    Case("zeropixdim", b_zero_pixdim, 66, "in the header and no sform/qform", "_dwi.nii.gz",
+         "voxel sizes 0 and no sform/qform"),
     Case("nooverlap", b_no_overlap, 66, "does not overlap the DWI", "_adc.nii.gz",
          "ADC and DWI fields of view 1 m apart"),
     Case("bvalshort", b_bval_short, 66, "the .bval file lists 9 b-values", "_dwi.nii.gz",
@@ -369,6 +393,7 @@ PARTICIPANT_CASES = [
     Case("aniso", b_anisotropic, 0, "", "", "anisotropic 0.9 x 0.9 x 6 mm"),
     Case("largefov", b_large_fov, 0, "", "", "field of view 264 x 264 mm"),
     Case("bvecnx3", b_bvec_nx3, 0, "Raw DWI with 10 volumes", "", ".bvec stored N x 3"),
+    Case("badflair", b_corrupt_flair, 0, "left aside", "", "corrupt FLAIR, not read by the built-in model"),
     Case("badsidecar", b_sidecar_bad_json, 0, "", "", "sidecars not UTF-8 / not JSON"),
     Case("htmlsidecar", b_sidecar_html, 0, "", "", "sidecar values with HTML/script"),
 ]

@@ -78,6 +78,11 @@ def test_masks_on_the_input_grid(run, subject):
     for suffix in ("label-lesion_probseg.nii.gz", "desc-preproc_trace.nii.gz",
                    "desc-preproc_ADC.nii.gz", "desc-brain_mask.nii.gz", "desc-lesion_stats.tsv"):
         assert (run["out"] / folder / f"{name}_{suffix}").is_file(), suffix
+    stats_dictionary = json.loads((run["out"] / folder / f"{name}_desc-lesion_stats.json").read_text())
+    assert stats_dictionary["total_volume_ml"]["Units"] == "mL" and "voxel_volume_ml" in stats_dictionary
+    assert "*_stats.tsv" in (run["out"] / ".bidsignore").read_text()
+    methods = (run["out"] / f"sub-{subject}.html").read_text().split('id="methods"')[1]
+    assert "built-in model of the DeepISLES BIDS App" in methods and "an implementation of DeepISLES" not in methods
     prob = nib.load(run["out"] / folder / f"{name}_label-lesion_probseg.nii.gz")
     assert prob.shape == src.shape[:3] and np.array_equal(prob.affine, src.affine)
     values = np.asarray(prob.dataobj)
