@@ -255,7 +255,16 @@ def find_references(reference_dir, skip=frozenset(), skip_dirs=()) -> dict[tuple
 
 
 # ----------------------------------------------------------------------------- table
-def run_evaluate(deriv_dir, reference_dir, out_tsv, desc: str | None = None) -> pd.DataFrame:
+def evaluate_missing(gt_path) -> dict:
+    """Metrics of a case the app left without a mask, scored as an empty prediction (every lesion missed)."""
+    g_img, gt = load_mask_3d(gt_path)
+    voxel_ml = float(np.prod(g_img.header.get_zooms()[:3])) / 1000.0
+    return {**evaluate_masks(np.zeros_like(gt), gt, voxel_ml),
+            "note": "no app mask (failed or not run?): scored as an empty mask"}
+
+
+def run_evaluate(deriv_dir, reference_dir, out_tsv, desc: str | None = None,
+                 missing_as_empty: bool = False) -> pd.DataFrame:
     """Score every pair, write ``out_tsv`` (per-case rows, then ``mean`` and ``median``) atomically."""
     pairs = find_pairs(deriv_dir, reference_dir, desc)
     if not any(p.prediction and p.reference for p in pairs):
@@ -273,6 +282,8 @@ def run_evaluate(deriv_dir, reference_dir, out_tsv, desc: str | None = None) -> 
                 row.update(evaluate_case(p.prediction, p.reference))
             except (InputError, ValueError) as exc:
                 row["note"] = f"not evaluated: {exc}"
+        elif p.reference and missing_as_empty and not p.note:
+            row.update(evaluate_missing(p.reference))
         elif not p.note:
             row["note"] = "no reference mask" if p.prediction else "no app mask (failed or not run?)"
         rows.append(row)
@@ -297,6 +308,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="output TSV (default: DERIV_DIR/evaluation.tsv)")
     p.add_argument("--desc", default=None, help="score the per-member masks *_label-lesion_desc-<DESC>_mask")
+    p.add_argument("--missing-as-empty", action="store_true",
+                   help="score a reference without an app mask (a failed subject) as an empty prediction, so "
+                        "that failures count in the mean and median (default: left out of them, with a note)")
     return p
 
 
@@ -319,7 +333,8 @@ def main_evaluate(args) -> int:
     if args is None or isinstance(args, (list, tuple)):
         args = _add_arguments(_Parser(prog="deepisles evaluate")).parse_args(list(args or []))
     out = args.output or Path(args.deriv_dir) / "evaluation.tsv"
-    df = run_evaluate(args.deriv_dir, args.reference_dir, out, desc=getattr(args, "desc", None))
+    df = run_evaluate(args.deriv_dir, args.reference_dir, out, desc=getattr(args, "desc", None),
+                      missing_as_empty=bool(getattr(args, "missing_as_empty", False)))
     cases = df[~df["case"].isin(["mean", "median"])]
     for _, row in cases[cases["note"].astype(str).str.len() > 0].iterrows():
         print(f"deepisles evaluate: {row['case']}: {row['note']}", file=sys.stderr)
