@@ -29,12 +29,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _labels(values):
-    if not values:
+def _labels(values, option="--participant-label"):
+    if values is None:
         return None
     out = []
     for value in values:
         out.extend(v for v in value.replace(",", " ").split() if v)
+    if not out:  # e.g. --participant-label '' from an empty shell variable: never "select nothing"
+        raise UsageError(f"{option}: no label given")
     return out
 
 
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working directory, reused to resume (default: ./work)")
     r.add_argument("--nprocs", "--n_cpus", type=int, default=None, help="processes at once")
     r.add_argument("--omp-nthreads", type=int, default=None, help="threads per process")
-    r.add_argument("--mem", "--mem_mb", dest="mem", default=None, help="memory limit, e.g. 8GB")
+    r.add_argument("--mem", "--mem_mb", "--mem-mb", dest="mem", default=None,
+                   help="memory limit, e.g. 8GB or 8000MB; a bare number is MB, as in fMRIPrep")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     m = p.add_argument_group("models")
     m.add_argument("--models", nargs="+", default=None,
@@ -159,9 +162,9 @@ def parse_config(argv) -> RunConfig:
     return RunConfig(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=args.analysis_level,
         work_dir=work_dir, participant_labels=_labels(args.participant_label),
-        session_labels=_labels(args.session_label), bids_filter=bids_filter,
+        session_labels=_labels(args.session_label, "--session-label"), bids_filter=bids_filter,
         skip_bids_validation=args.skip_bids_validation, nprocs=nprocs, omp_nthreads=omp,
-        mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models),
+        mem_gb=parse_memory_gb(args.mem), device=args.device, models=_labels(args.models, "--models"),
         weights_dir=args.weights_dir.absolute() if args.weights_dir else None, tta=args.tta,
         weights_manifest=args.weights_manifest.absolute() if args.weights_manifest else None,
         builtin_weights=builtin_weights,
@@ -183,6 +186,15 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(name).propagate = False  # nipype prints its own lines
 
 
+def _usable_dir(path) -> bool:
+    """``path`` exists or can be made, and this user can write in it."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 def _prepare_environment(config: RunConfig, cache: Path | None = None) -> None:
     """Caches outside HOME (read-only or foreign HOME on clusters), nothing from the network.
     ``cache``: where they go (default: ``.cache`` in the work directory)."""
@@ -192,7 +204,9 @@ def _prepare_environment(config: RunConfig, cache: Path | None = None) -> None:
         # a HOME this user cannot even read (HOME=/root for a non-root container user): pybids looks
         # for ~/pybids_config.json at import and crashes on EACCES; use a folder of the work dir
         os.environ["HOME"] = str(cache / "home")
-    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    mpl = os.environ.get("MPLCONFIGDIR")
+    if not mpl or not _usable_dir(mpl):  # e.g. the image's /tmp/.cache, made by another user of the node
+        os.environ["MPLCONFIGDIR"] = str(cache / "matplotlib")
     # templateflow reads TEMPLATEFLOW_HOME once, at import (default ~/.cache/templateflow): set it
     # before anything imports it (nothing has at this point: only argparse and the config ran)
     os.environ.setdefault("TEMPLATEFLOW_HOME", str(cache / "templateflow"))

@@ -13,13 +13,14 @@ from bids_app.errors import UsageError
 
 
 def parse_memory_gb(text: str | float | None) -> float | None:
-    """'8', '8G', '8GB', '8000MB', '1.5T' -> gigabytes (float)."""
+    """'8G', '8GB', '8000MB', '1.5T' -> gigabytes (float); a bare number is megabytes, as fMRIPrep's
+    ``--mem``/``--mem_mb`` read it ('16000' -> 15.6)."""
     if text is None:
         return None
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
     if not match:
         raise UsageError(f"--mem: cannot read memory size {text!r} (use e.g. 8GB or 8000MB)")
-    value, unit = float(match.group(1)), match.group(2).upper() or "G"
+    value, unit = float(match.group(1)), match.group(2).upper() or "M"
     return value * {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}[unit]
 
 

@@ -20,6 +20,7 @@ PATH_PATTERNS = [
 
 BIDSIGNORE = """\
 *.html
+.*.part
 *_stats.tsv
 *_stats.json
 logs/

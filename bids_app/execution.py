@@ -199,7 +199,7 @@ def run_participant(config: RunConfig) -> int:
 
     sessions = discover(config.bids_dir, config.participant_labels, config.session_labels,
                         config.bids_filter, validate=not config.skip_bids_validation,
-                        database_dir=config.work_dir / "bids_db")
+                        database_dir=None)  # in memory: runs sharing a work dir raced on one SQLite file
     subjects = sorted({s.subject for s in sessions})
     from models.device import resolve_device
 

@@ -34,7 +34,10 @@ DATA_DICTIONARY = {
                           "no lesion": "biomarkers written, the mask is empty",
                           "failed": "the run failed before writing biomarkers",
                           "stale": "the latest run of this session failed; the values are those an "
-                                   "earlier run wrote"}},
+                                   "earlier run wrote",
+                          "incomplete": "some outputs but no biomarkers and no recorded error: the run was "
+                                        "stopped from outside (time limit, kill); run the participant level "
+                                        "again"}},
 }
 _STATS_RE = re.compile(r"^sub-(?P<sub>[A-Za-z0-9]+)(?:_ses-(?P<ses>[A-Za-z0-9]+))?_desc-lesion_stats\.tsv$")
 
@@ -100,6 +103,13 @@ def _failed_rows(output_dir: Path, done: set) -> list[dict]:
             if (sub, ses) in done or (ses is None and has_any):
                 continue
             rows.append({"participant_id": sub, "session_id": ses, "status": "failed"})
+        # outputs without biomarkers and without any recorded error: a run stopped from outside (time
+        # limit, pre-emption, kill) while writing this session
+        listed = done | {(sub, r["session_id"]) for r in rows if r["participant_id"] == sub}
+        for folder in sorted(p.parent for p in (output_dir / sub).glob("**/dwi") if any(p.iterdir())):
+            ses = folder.name if folder.name.startswith("ses-") else None
+            if (sub, ses) not in listed and not (ses is None and has_any):
+                rows.append({"participant_id": sub, "session_id": ses, "status": "incomplete"})
     return rows
 
 

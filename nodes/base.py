@@ -30,6 +30,15 @@ from bids_app.errors import InputError
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _read_umask() -> int:
+    mask = os.umask(0)  # read once, at import (single-threaded then): os.umask can only be read by setting it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _atomic_target(path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +52,7 @@ def atomic_write_bytes(data: bytes, path) -> Path:
     path, tmp = _atomic_target(path)
     try:
         tmp.write_bytes(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would (mkstemp makes 0600); 0644 under the usual 022
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

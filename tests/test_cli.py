@@ -76,6 +76,13 @@ def test_labels_split_and_options(tmp_path):
     assert cfg.mirror_check == "on"
 
 
+@pytest.mark.parametrize("option", ["--participant-label", "--session-label", "--models"])
+def test_empty_label_is_a_usage_error(tmp_path, option):
+    """An empty shell variable must not select nothing (it gave 'no diffusion data', exit 18)."""
+    with pytest.raises(UsageError, match=f"{option}: no label given"):
+        parse_config([str(DEMO), str(tmp_path / "o"), "participant", option, ""])
+
+
 def test_config_file_gives_defaults(tmp_path):
     conf = tmp_path / "c.json"
     conf.write_text('{"nprocs": 4, "random_seed": 7}')
@@ -83,7 +90,8 @@ def test_config_file_gives_defaults(tmp_path):
     assert cfg.nprocs == 4 and cfg.random_seed == 7
 
 
-@pytest.mark.parametrize("text,gb", [("8", 8), ("8G", 8), ("8GB", 8), ("512MB", 0.5), ("1T", 1024)])
+@pytest.mark.parametrize("text,gb", [("8192", 8), ("16000", 16000 / 1024), ("8G", 8), ("8GB", 8), ("512MB", 0.5),
+                                     ("1T", 1024)])
 def test_parse_memory(text, gb):
     assert parse_memory_gb(text) == pytest.approx(gb)
 
@@ -126,3 +134,4 @@ def test_group_level_writes_nothing_in_the_current_directory(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "group_lesions.tsv").is_file() and not list(here.iterdir())
+

@@ -61,7 +61,7 @@ def test_group_table(tmp_path):
     assert set(dictionary) == set(head)
     assert all(dictionary[c].get("Description") for c in head)
     assert dictionary["total_volume_ml"]["Units"] == "mL"
-    assert set(dictionary["status"]["Levels"]) == {"ok", "no lesion", "failed", "stale"}
+    assert set(dictionary["status"]["Levels"]) == {"ok", "no lesion", "failed", "stale", "incomplete"}
 
     html = (out / "group_lesions.html").read_text()
     b64 = html.split('src="data:image/png;base64,')[1].split('"')[0]
@@ -121,3 +121,16 @@ def test_latest_run_decides_the_status(tmp_path):
     html = (out / "sub-01.html").read_text()
     assert '&#34;1&#34;: &#34;OK&#34;' in html and "superseded" in html
     assert '&#34;1&#34;: &#34;FAILED&#34;' in (out / "sub-02.html").read_text()
+
+
+def test_interrupted_session_is_listed(tmp_path):
+    """A run killed after the preprocessed images and before the biomarkers left no crash file: the
+    session still gets a row ('incomplete'), it is not silently left out."""
+    out = tmp_path / "out"
+    _session(out, "01", "1", "1\t1\t1\t0.6\t0.001")
+    d = out / "sub-02" / "ses-1" / "dwi"
+    d.mkdir(parents=True)
+    (d / "sub-02_ses-1_desc-preproc_ADC.nii.gz").write_bytes(b"")
+    rows = _read_tsv(Path(run_group(out)["tsv"]))[1]
+    assert [(r["participant_id"], r["session_id"], r["status"]) for r in rows] == [
+        ("sub-01", "ses-1", "ok"), ("sub-02", "ses-1", "incomplete")]

@@ -253,6 +253,26 @@ def test_prepare_environment_sets_caches_before_templateflow(tmp_path):
     assert Path(mpl).is_relative_to(tmp_path / "work")
 
 
+def test_unusable_matplotlib_cache_is_replaced(tmp_path):
+    """The images set MPLCONFIGDIR=/tmp/.cache/matplotlib; on a shared node another user may own it.
+    A cache folder that cannot be made is replaced by one in the work directory (no warnings)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = (
+        "import os\n"
+        "from bids_app.cli import parse_config, _prepare_environment\n"
+        f"cfg = parse_config([{str(ROOT / 'bids_app/data/demo/isles22-sample')!r}, "
+        f"{str(tmp_path / 'out')!r}, 'participant', '-w', {str(tmp_path / 'work')!r}])\n"
+        "_prepare_environment(cfg)\n"
+        "print(os.environ['MPLCONFIGDIR'])\n"
+    )
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "MPLCONFIGDIR": str(blocker / "mpl")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.split()[-1]).is_relative_to(tmp_path / "work")
+
+
 def test_unreadable_home_as_non_root(tmp_path):
     """HOME=/root-like (exists, mode 0700, owned by root) for an unprivileged user, as with
     ``docker run -u $(id -u)``: the app must start, discover and stop cleanly (exit 18: the label
