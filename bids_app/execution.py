@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bids_app import __version__
 from bids_app.config import RunConfig
-from bids_app.derivatives import output_conflict, write_dataset_description
+from bids_app.derivatives import derivative_path, output_conflict, write_dataset_description
 from bids_app.errors import DeepIslesError, UsageError, WeightsError
 from bids_app.paths import bids_uri, crash_dir, reportlets_dir, session_name
 from nodes.base import atomic_write_text, write_json_atomic
@@ -220,10 +220,10 @@ def run_participant(config: RunConfig) -> int:
     run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,
                 "models": provenance}
 
+    good = []
     if not config.reports_only:
         write_dataset_description(config.output_dir, config.bids_dir, provenance, _container())
         write_json_atomic(config.to_dict(), config.output_dir / "logs" / config.run_id / "config.json")
-        good = []
         for session in sessions:
             rdir = reportlets_dir(config.work_dir, session)
             dropped = registry.members_for_session(members, session.flair is not None)[1]
@@ -253,6 +253,13 @@ def run_participant(config: RunConfig) -> int:
             _run_workflow(config, good, members, provenance)
 
     errors = _crash_errors(config, subjects)
+    # a run that ends without a mask and without an error must not count as a success (--stop-on-first-crash
+    # leaves the others unrun on purpose)
+    for session in [] if config.stop_on_first_crash else good:
+        mask = derivative_path(config.output_dir, session.entities, datatype="dwi", label="lesion", suffix="mask",
+                               extension=".nii.gz")
+        if not mask.is_file() and session.subject not in errors:
+            errors[session.subject] = [f"{mask}: not written, and no step reported an error (interrupted?)"]
     if not config.reports_only:
         _record_sessions(config, sessions)
     for subject in subjects:
@@ -298,6 +305,10 @@ def _run_workflow(config: RunConfig, sessions, members, provenance) -> None:
     for folder in forget_missing_outputs(config.work_dir):  # deleted since an earlier run: written again
         LOGGER.info("outputs of %s missing: written again", folder.relative_to(config.work_dir))
     plugin, args = _plugin(config)
+    if plugin == "MultiProc":  # a killed worker fails its session instead of hanging the run
+        from bids_app.multiproc import ResilientMultiProcPlugin
+
+        plugin = ResilientMultiProcPlugin(plugin_args=args)
     try:
         with _frozen_heap():
             wf.run(plugin=plugin, plugin_args=args)

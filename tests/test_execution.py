@@ -79,3 +79,21 @@ def test_outputs_of_another_image_are_kept_and_the_session_fails(tmp_path, caplo
     assert code == 73 and sidecar.read_text() == earlier
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "holds the lesion mask of bids:raw:sub-01/dwi/sub-01_run-1_dwi.nii.gz" in errors[0]
+
+
+def test_a_session_left_without_mask_and_without_error_fails_the_run(tmp_path, monkeypatch, caplog):
+    """If the scheduler ends without running a session and without any crash file (a broken worker pool
+    before the fix in bids_app/multiproc.py), the run must not report success."""
+    import bids_app.workflow as W
+    from bids_app.cli import main
+    from tests.datasets import make_isles22
+
+    class SilentWorkflow:
+        def run(self, plugin, plugin_args):
+            return None
+
+    monkeypatch.setattr(W, "init_deepisles_wf", lambda *a, **k: SilentWorkflow())
+    bids = make_isles22(tmp_path / "bids", subjects=("01",), sessions=False)
+    code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"), "--nprocs", "1"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == 1 and any("not written, and no step reported an error" in e for e in errors), errors
