@@ -215,8 +215,60 @@ def _prepare_environment(config: RunConfig, cache: Path | None = None) -> None:
     os.environ.setdefault("USER", "deepisles")
 
 
+class _Terminated(Exception):
+    """SIGTERM (``kill``, ``timeout``, a batch system's warning signal) turned into an exception."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stop_descendants() -> None:
+    """Kill every process this one started, directly or not (nipype's workers and the forkserver), so
+    that an interrupted run leaves nothing running on a shared node."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo, found = [os.getpid()], []
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    for pid in found:
+        try:
+            if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue  # it cleans the pool's semaphores up and exits with us (killed, it prints tracebacks)
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        _stop_descendants()
+        print("deepisles: stopped" + (" (SIGTERM)" if isinstance(exc, _Terminated) else ""), file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
     try:
         if argv and argv[0] == "evaluate":
             from bids_app.evaluate import main_evaluate
@@ -251,8 +303,6 @@ def main(argv=None) -> int:
     except DeepIslesError as exc:
         print(f"deepisles: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

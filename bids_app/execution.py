@@ -97,6 +97,8 @@ def _mp_context() -> str:
         LOGGER.warning("multiprocessing forkserver unavailable (%s cannot be run again by this user); "
                        "workers are forked", executable)
         return "fork"
+    # the forkserver arms PR_SET_PDEATHSIG on start: it dies with the app, and its workers with it
+    mp.set_forkserver_preload(["bids_app.die_with_parent"])
     try:  # a real round trip: the forkserver (reused by nipype's pool) and the resource tracker
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("forkserver")) as pool:
             pool.submit(abs, -1).result(timeout=120)

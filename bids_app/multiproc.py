@@ -16,17 +16,33 @@ from concurrent.futures import ProcessPoolExecutor
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 WORKER_DIED = "WorkerDiedError"
+def _worker_initializer(cwd) -> None:
+    """nipype's initializer, and the worker dies with its parent (the forkserver, or the app itself for
+    forked workers): a killed or stopped app leaves no worker behind."""
+    from bids_app.die_with_parent import arm
+
+    arm()
+    process_initializer(cwd)
 
 
 class ResilientMultiProcPlugin(MultiProcPlugin):
-    """MultiProc whose tasks fail (instead of hanging the run) when their worker process dies."""
+    """MultiProc whose tasks fail (instead of hanging the run) when their worker process dies, and whose
+    workers die with the app."""
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self.pool.shutdown(wait=True)  # no worker started yet: they start at the first submission
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.processors, initializer=_worker_initializer,
+                                   initargs=(self._cwd,),
+                                   mp_context=mp.get_context(self.plugin_args.get("mp_context")))
 
     def _submit_job(self, node, updatehash=False):
         if getattr(self.pool, "_broken", False):  # a worker died: the old pool takes no more work
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = ProcessPoolExecutor(
-                max_workers=self.processors, initializer=process_initializer, initargs=(self._cwd,),
-                mp_context=mp.get_context(self.plugin_args.get("mp_context")))
+            self.pool = self._new_pool()
         self._taskid += 1
         if getattr(node.interface, "terminal_output", "") == "stream":
             node.interface.terminal_output = "allatonce"
