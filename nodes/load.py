@@ -1,7 +1,9 @@
 """Step 'load': check every input image and write clean float32 copies.
 
 Each image is read with :func:`nodes.base.load_nifti`, singleton axes beyond the third are dropped,
-and the data must be finite, non-constant and of the expected dimensionality; the header must give
+and the data must be finite (NaN or infinite voxels only in the background, connected to the edge of
+the field of view, as some tools write them: set to 0 with a warning), non-constant and of the expected
+dimensionality; the header must give
 positive voxel sizes and an invertible affine. Problems raise :class:`InputError` naming the file.
 """
 
@@ -60,6 +62,37 @@ def raw_geometry(path) -> tuple[np.ndarray, int, int] | None:
         return None
 
 
+def nonfinite_background(data: np.ndarray) -> tuple[int, int]:
+    """``(non-finite voxels, those not connected to the edge of the field of view)``: NaN backgrounds
+    (some tools write NaN where there is no signal) reach the edge; NaN inside the head does not."""
+    from scipy import ndimage
+
+    bad = ~np.isfinite(data)
+    total = int(np.count_nonzero(bad))
+    if not total:
+        return 0, 0
+    spatial = bad.reshape(bad.shape[:3] + (-1,)).any(axis=3)
+    labels, n = ndimage.label(spatial, np.ones((3, 3, 3), bool))
+    edge = np.zeros(spatial.shape, bool)
+    for axis in range(3):
+        edge[(slice(None),) * axis + (0,)] = edge[(slice(None),) * axis + (-1,)] = True
+    touching = np.unique(labels[edge & spatial])
+    inner = spatial & ~np.isin(labels, touching)
+    return total, int(np.count_nonzero(inner))
+
+
+def clear_nonfinite_background(path, data: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(data with background NaN/inf set to 0, voxels set)``; :class:`InputError` for any non-finite
+    voxel away from the edge of the field of view."""
+    total, inner = nonfinite_background(data)
+    if inner:
+        raise InputError(path, f"{total} voxels are NaN or infinite ({inner} of them away from the edge of the "
+                               "field of view, inside the head)")
+    if total:
+        data = np.where(np.isfinite(data), data, 0).astype(data.dtype)
+    return data, total
+
+
 def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = None) -> np.ndarray:
     """Validate one image (``kind``: 'dwi', 'adc' or 'flair'); return its squeezed data.
 
@@ -82,9 +115,8 @@ def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = No
             raise InputError(path, f"DWI has {data.ndim} dimensions (shape {shape}); expected 3-D or 4-D")
     elif data.ndim != 3:
         raise InputError(path, f"{kind.upper()} must be 3-D, got {data.ndim}-D (shape {shape})")
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise InputError(path, f"{bad} voxels are NaN or infinite")
+    if not np.all(np.isfinite(data)):
+        raise InputError(path, f"{int(np.count_nonzero(~np.isfinite(data)))} voxels are NaN or infinite")
     if not np.any(data):
         raise InputError(path, "image is empty (all voxels are zero)")
     if float(data.max()) == float(data.min()):
@@ -152,6 +184,10 @@ class LoadInputs(DecisionInterface):
                 continue
             img, data = load_nifti(path)
             raw_shape = list(img.shape)
+            data, cleared = clear_nonfinite_background(path, data)
+            if cleared:
+                self.decide(f"{kind.upper()}: {cleared} NaN or infinite voxels, all in the background (connected "
+                            "to the edge of the field of view), set to 0", "warning")
             data = check_image(path, kind, data, img, None if bvals is None or kind != "dwi" else bvals.size)
             info = describe(img, data)
             self.record(kind, info)

@@ -108,11 +108,26 @@ def test_bad_dimensions(tmp_path, kind, shape, msg):
 def test_nan_and_inf_counted(tmp_path):
     data = vol()
     data[0, 0, :3] = np.nan
-    data[1, 1, 1] = np.inf
+    data[5, 5, 5] = np.inf  # inside: refused (the NaN row on the edge alone would be background)
     path = save(tmp_path / "a.nii.gz", data)
     with pytest.raises(InputError, match="4 voxels are NaN or infinite") as err:
         run(tmp_path, dwi_file=save(tmp_path / "d.nii.gz", vol()), adc_file=path)
     assert err.value.path == path
+
+
+def test_nan_background_is_set_to_zero(tmp_path):
+    """ADC maps from some tools hold NaN where there is no signal: accepted when every non-finite voxel is
+    connected to the edge of the field of view (a warning); one inside the head is refused."""
+    data = vol()
+    data[:3] = np.nan  # a background slab from the edge
+    data[:, :, -1] = np.inf
+    out = run(tmp_path, dwi_file=save(tmp_path / "d.nii.gz", vol()), adc_file=save(tmp_path / "a.nii.gz", data))
+    adc = np.asarray(nib.load(out.adc_file).dataobj)
+    assert np.all(np.isfinite(adc)) and np.all(adc[:3] == 0) and np.array_equal(adc[3:, :, :-1], data[3:, :, :-1])
+    assert any("set to 0" in d["text"] for d in out.decisions["items"] if d.get("level") == "warning")
+    data[6, 5, 4] = np.nan  # and one inside
+    with pytest.raises(InputError, match=r"away from the edge of the field of view"):
+        run(tmp_path, dwi_file=save(tmp_path / "d.nii.gz", vol()), adc_file=save(tmp_path / "a.nii.gz", data))
 
 
 @pytest.mark.parametrize("value,msg", [(0.0, "all voxels are zero"), (3.0, "constant")])
