@@ -17,6 +17,7 @@ from pathlib import Path
 from bids_app import APP_NAME, COMMAND, __version__
 from bids_app.config import RunConfig, default_nprocs, parse_memory_gb
 from bids_app.errors import DeepIslesError, InputError, UsageError
+from bids_app.signals import Terminated, raise_terminated, stop_descendants
 
 LOGGER = logging.getLogger("deepisles")
 LEVELS = ("participant", "group")
@@ -215,40 +216,6 @@ def _prepare_environment(config: RunConfig, cache: Path | None = None) -> None:
     os.environ.setdefault("USER", "deepisles")
 
 
-class _Terminated(Exception):
-    """SIGTERM (``kill``, ``timeout``, a batch system's warning signal) turned into an exception."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
-def _stop_descendants() -> None:
-    """Kill every process this one started, directly or not (nipype's workers and the forkserver), so
-    that an interrupted run leaves nothing running on a shared node."""
-    import signal
-
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    todo, found = [os.getpid()], []
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    for pid in found:
-        try:
-            if b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue  # it cleans the pool's semaphores up and exits with us (killed, it prints tracebacks)
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def main(argv=None) -> int:
     import signal
     import threading
@@ -256,13 +223,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return _main(argv)
-    except (KeyboardInterrupt, _Terminated) as exc:
-        _stop_descendants()
-        print("deepisles: stopped" + (" (SIGTERM)" if isinstance(exc, _Terminated) else ""), file=sys.stderr)
-        return 143 if isinstance(exc, _Terminated) else 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        stop_descendants()
+        print("deepisles: stopped" + (" (SIGTERM)" if isinstance(exc, Terminated) else ""), file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

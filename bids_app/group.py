@@ -14,11 +14,11 @@ import re
 from pathlib import Path
 
 from bids_app.errors import NoDataError
-from nodes.biomarkers import STATS_DICTIONARY
 from bids_app.report.common import current_crashes, read_json, strip_prefix
 from bids_app.report.group import GROUP_TSV, build_group_report
 from bids_app.report.subject import STATUS_FAILED, read_report_status
 from nodes.base import atomic_write_text, write_json_atomic
+from nodes.biomarkers import STATS_DICTIONARY
 
 GROUP_JSON = "group_lesions.json"
 COLUMNS = ("participant_id", "session_id", "total_volume_ml", "lesion_count", "largest_lesion_ml",

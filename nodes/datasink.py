@@ -90,9 +90,10 @@ class DerivativesSink(SimpleInterface):
             else:
                 atomic_write_bytes(src.read_bytes(), out)  # unique temporary name, removed on failure
             meta = dict(ins.metadata) if isdefined(ins.metadata) else {}
-            if isdefined(ins.applied) and ins.applied:
-                entries = ins.applied if isinstance(ins.applied, list) else [ins.applied]
-                meta["PostProcessingApplied"] = {str(e.get("member", "")): {k: v for k, v in e.items() if k != "member"}
+            entries = (ins.applied if isinstance(ins.applied, list) else [ins.applied]) if isdefined(ins.applied) else []
+            entries = [e for e in entries if isinstance(e, dict) and e.get("member")]  # none from older caches
+            if entries:
+                meta["PostProcessingApplied"] = {e["member"]: {k: v for k, v in e.items() if k != "member"}
                                                  for e in entries}
             if meta and ins.datatype != "figures":
                 sidecar = derivative_path(ins.output_dir, ins.entities, datatype="dwi",
