@@ -83,6 +83,11 @@ def test_empty_label_is_a_usage_error(tmp_path, option):
         parse_config([str(DEMO), str(tmp_path / "o"), "participant", option, ""])
 
 
+def test_recorded_command_line_names_the_installed_command(tmp_path):
+    cfg = parse_config([str(DEMO), str(tmp_path / "o"), "participant", "--participant-label", "a b"])
+    assert cfg.command_line.startswith("deepisles ") and "'a b'" in cfg.command_line  # as typed, quoted
+
+
 def test_config_file_gives_defaults(tmp_path):
     conf = tmp_path / "c.json"
     conf.write_text('{"nprocs": 4, "random_seed": 7}')
