@@ -93,7 +93,7 @@ def clear_nonfinite_background(path, data: np.ndarray) -> tuple[np.ndarray, int]
     return data, total
 
 
-def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = None) -> np.ndarray:
+def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = None, raw=None) -> np.ndarray:
     """Validate one image (``kind``: 'dwi', 'adc' or 'flair'); return its squeezed data.
 
     ``n_bvals`` (DWI only): number of b-values when a ``.bval`` file was given.
@@ -121,7 +121,7 @@ def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = No
         raise InputError(path, "image is empty (all voxels are zero)")
     if float(data.max()) == float(data.min()):
         raise InputError(path, f"image is constant (every voxel is {float(data.min()):g})")
-    raw = raw_geometry(path)
+    raw = raw_geometry(path) if raw is None else raw  # (pixdim, qform code, sform code) as stored
     if raw is not None and raw[1] == 0 and raw[2] == 0 and not np.all(np.abs(raw[0]) > 0):
         raise InputError(path, f"voxel sizes {raw[0].tolist()} in the header and no sform/qform: the voxel grid "
                                "is unknown")
@@ -188,7 +188,8 @@ class LoadInputs(DecisionInterface):
             if cleared:
                 self.decide(f"{kind.upper()}: {cleared} NaN or infinite voxels, all in the background (connected "
                             "to the edge of the field of view), set to 0", "warning")
-            data = check_image(path, kind, data, img, None if bvals is None or kind != "dwi" else bvals.size)
+            raw = raw_geometry(path)
+            data = check_image(path, kind, data, img, None if bvals is None or kind != "dwi" else bvals.size, raw)
             info = describe(img, data)
             self.record(kind, info)
             if info["shape"] != raw_shape:
@@ -202,7 +203,6 @@ class LoadInputs(DecisionInterface):
                 f"{kind.upper()} {os.path.basename(str(path))}: {'x'.join(map(str, info['shape']))} voxels of "
                 f"{'x'.join(f'{z:g}' for z in info['voxel_size_mm'])} mm, {info['orientation']}"
             )
-            raw = raw_geometry(path)
             if raw is not None and raw[1] == 0 and raw[2] == 0:
                 self.decide(f"{kind.upper()} has no sform/qform (codes 0): its orientation in the world is unknown; "
                             "the voxel axes are taken as RAS with the header's voxel sizes", "warning")
