@@ -222,7 +222,7 @@ def run_participant(config: RunConfig) -> int:
     run_info = {"version": __version__, "run_id": config.run_id, "command": config.command_line,
                 "models": provenance}
 
-    good = []
+    good, attempted = [], []  # sessions sent to the workflow; every session this run processed
     if not config.reports_only:
         write_dataset_description(config.output_dir, config.bids_dir, provenance, _container())
         write_json_atomic(config.to_dict(), config.output_dir / "logs" / config.run_id / "config.json")
@@ -241,18 +241,19 @@ def run_participant(config: RunConfig) -> int:
             conflict = None if session.problem else output_conflict(
                 config.output_dir, session.entities, bids_uri(config.bids_dir, session.dwi))
             write_json_atomic({**session.to_dict(), "step": "discovery"}, rdir / "discovery.json")
-            if conflict:  # reported with the other failures at the end
-                _write_error_file(config, session, "outputs", conflict, "OutputError")
-                if config.stop_on_first_crash:
-                    break
-            elif session.problem:
-                _write_error_file(config, session, "discovery", session.problem)
-                if config.stop_on_first_crash:
-                    break
-            else:
+            if not (conflict or session.problem):
                 good.append(session)
+                continue
+            attempted.append(session)  # failed before the workflow; reported with the others at the end
+            if conflict:
+                _write_error_file(config, session, "outputs", conflict, "OutputError")
+            else:
+                _write_error_file(config, session, "discovery", session.problem)
+            if config.stop_on_first_crash:
+                break
         if good and not (config.stop_on_first_crash and len(good) < len(sessions)):
             _run_workflow(config, good, members, provenance)
+            attempted += good
 
     errors = _crash_errors(config, subjects)
     # a run that ends without a mask and without an error must not count as a success (--stop-on-first-crash
@@ -263,7 +264,7 @@ def run_participant(config: RunConfig) -> int:
         if not mask.is_file() and session.subject not in errors:
             errors[session.subject] = [f"{mask}: not written, and no step reported an error (interrupted?)"]
     if not config.reports_only:
-        _record_sessions(config, sessions)
+        _record_sessions(config, attempted)  # not those --stop-on-first-crash left unrun
     for subject in subjects:
         try:
             build_subject_report(config.output_dir, subject, work_dir=config.work_dir,

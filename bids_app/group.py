@@ -85,16 +85,20 @@ def _stats_rows(output_dir: Path) -> list[dict]:
     return rows
 
 
-def _failed_rows(output_dir: Path, done: set) -> list[dict]:
-    """Sessions that a crash file or a subject report marks as failed and that have no biomarkers."""
+def _crashed_sessions(output_dir: Path) -> dict[str, set]:
+    """``{sub-<s>: session labels (None: no session / the whole subject) with a current crash file}``,
+    every subject's crash files parsed once."""
     subjects = {p.name for p in output_dir.glob("sub-*") if p.is_dir()}
     subjects |= {p.stem for p in output_dir.glob("sub-*.html") if p.is_file()}
+    return {sub: {c["session"] for c in current_crashes(output_dir, strip_prefix(sub, "sub"))[0]}
+            for sub in sorted(subjects)}
+
+
+def _failed_rows(output_dir: Path, done: set, crashed: dict[str, set]) -> list[dict]:
+    """Sessions that a crash file or a subject report marks as failed and that have no biomarkers."""
     rows = []
-    for sub in sorted(subjects):
-        label = strip_prefix(sub, "sub")
-        failed: set = set()
-        for crash in current_crashes(output_dir, label)[0]:
-            failed.add(f"ses-{crash['session']}" if crash["session"] else None)
+    for sub, sessions in crashed.items():
+        failed: set = {None if ses is None else f"ses-{ses}" for ses in sessions}
         for ses, status in read_report_status(output_dir / f"{sub}.html").items():
             if status == STATUS_FAILED:
                 failed.add(None if ses in ("n/a", "", None) else f"ses-{strip_prefix(ses, 'ses')}")
@@ -113,15 +117,12 @@ def _failed_rows(output_dir: Path, done: set) -> list[dict]:
     return rows
 
 
-def _mark_stale(output_dir: Path, rows: list[dict]) -> None:
+def _mark_stale(rows: list[dict], crashed: dict[str, set]) -> None:
     """Rows whose session failed in its latest participant run (current crash files) are ``stale``."""
-    crashed: dict[str, set] = {}
     for row in rows:
-        sub = row["participant_id"]
-        if sub not in crashed:
-            crashed[sub] = {c["session"] for c in current_crashes(output_dir, strip_prefix(sub, "sub"))[0]}
+        sessions = crashed.get(row["participant_id"], set())
         ses = strip_prefix(row["session_id"], "ses") if row["session_id"] else None
-        if ses in crashed[sub] or None in crashed[sub]:  # a crash naming no session: the whole subject
+        if ses in sessions or None in sessions:  # a crash naming no session: the whole subject
             row["status"] = "stale"
 
 
@@ -132,9 +133,10 @@ def run_group(output_dir) -> dict:
     """
     output_dir = Path(output_dir)
     rows = _stats_rows(output_dir)
-    _mark_stale(output_dir, rows)
+    crashed = _crashed_sessions(output_dir)
+    _mark_stale(rows, crashed)
     done = {(r["participant_id"], r["session_id"]) for r in rows}
-    rows += _failed_rows(output_dir, done)
+    rows += _failed_rows(output_dir, done, crashed)
     if not rows:
         raise NoDataError(f"{output_dir}: no participant outputs (sub-*/[ses-*/]dwi/*_desc-lesion_stats.tsv) "
                           "and no failed participant runs; run the participant level first")

@@ -16,6 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 WORKER_DIED = "WorkerDiedError"
+
+
 def _worker_initializer(cwd) -> None:
     """nipype's initializer, and the worker dies with its parent (the forkserver, or the app itself for
     forked workers): a killed or stopped app leaves no worker behind."""

@@ -90,7 +90,8 @@ class DerivativesSink(SimpleInterface):
             else:
                 atomic_write_bytes(src.read_bytes(), out)  # unique temporary name, removed on failure
             meta = dict(ins.metadata) if isdefined(ins.metadata) else {}
-            entries = (ins.applied if isinstance(ins.applied, list) else [ins.applied]) if isdefined(ins.applied) else []
+            entries = [] if not isdefined(ins.applied) else ins.applied if isinstance(ins.applied, list) \
+                else [ins.applied]
             entries = [e for e in entries if isinstance(e, dict) and e.get("member")]  # none from older caches
             if entries:
                 meta["PostProcessingApplied"] = {e["member"]: {k: v for k, v in e.items() if k != "member"}

@@ -69,10 +69,10 @@ def nonfinite_background(data: np.ndarray) -> tuple[int, int]:
 
     bad = ~np.isfinite(data)
     total = int(np.count_nonzero(bad))
-    if not total:
-        return 0, 0
+    if not total or data.ndim < 3:  # a 2-D image is refused anyway: count every such voxel as inside
+        return total, total
     spatial = bad.reshape(bad.shape[:3] + (-1,)).any(axis=3)
-    labels, n = ndimage.label(spatial, np.ones((3, 3, 3), bool))
+    labels = ndimage.label(spatial, np.ones((3, 3, 3), bool))[0]
     edge = np.zeros(spatial.shape, bool)
     for axis in range(3):
         edge[(slice(None),) * axis + (0,)] = edge[(slice(None),) * axis + (-1,)] = True
@@ -94,7 +94,8 @@ def clear_nonfinite_background(path, data: np.ndarray) -> tuple[np.ndarray, int]
 
 
 def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = None, raw=None) -> np.ndarray:
-    """Validate one image (``kind``: 'dwi', 'adc' or 'flair'); return its squeezed data.
+    """Validate one image (``kind``: 'dwi', 'adc' or 'flair'; its non-finite voxels already handled by
+    :func:`clear_nonfinite_background`); return its squeezed data.
 
     ``n_bvals`` (DWI only): number of b-values when a ``.bval`` file was given.
     """
@@ -115,8 +116,6 @@ def check_image(path, kind: str, data: np.ndarray, img, n_bvals: int | None = No
             raise InputError(path, f"DWI has {data.ndim} dimensions (shape {shape}); expected 3-D or 4-D")
     elif data.ndim != 3:
         raise InputError(path, f"{kind.upper()} must be 3-D, got {data.ndim}-D (shape {shape})")
-    if not np.all(np.isfinite(data)):
-        raise InputError(path, f"{int(np.count_nonzero(~np.isfinite(data)))} voxels are NaN or infinite")
     if not np.any(data):
         raise InputError(path, "image is empty (all voxels are zero)")
     if float(data.max()) == float(data.min()):

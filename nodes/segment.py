@@ -46,8 +46,8 @@ from nodes.base import (
 _PREDICTORS: dict[tuple, object] = {}
 #: which input trait carries each image a member may ask for (see models/registry.py)
 #: the settings of the post-processing as applied (``auto`` resolved), for the mask's sidecar
-APPLIED_KEYS = ("member", "threshold", "min_lesion_ml", "contrast_check", "mirror_check", "mirror_ratio", "detect_lesions",
-                "detect_low", "grow_lesions", "grow_low", "tta")
+APPLIED_KEYS = ("member", "threshold", "min_lesion_ml", "contrast_check", "mirror_check", "mirror_ratio",
+                "detect_lesions", "detect_low", "grow_lesions", "grow_low", "tta")
 _INPUT_TRAITS = {"dwi_norm": "dwi_norm_file", "adc_norm": "adc_norm_file", "trace": "trace_file",
                  "adc": "adc_file", "flair": "flair_file"}
 

@@ -228,6 +228,8 @@ def test_stop_on_first_crash(tmp_path, where):
     done = [s for s in ("bbb", "ccc") if mask_of(out, s).exists()]
     if where == "discovery":
         assert done == []  # stopped before the workflow
+        # only the session this run processed is recorded: an unrun one keeps its earlier status
+        assert list(out.glob("sub-aaa/log/*/sessions.json")) and not list(out.glob("sub-bbb/log/*/sessions.json"))
     else:
         assert len(done) < 2
     assert "stopping on first crash" in proc.stderr or where == "discovery"

@@ -130,6 +130,13 @@ def test_nan_background_is_set_to_zero(tmp_path):
         run(tmp_path, dwi_file=save(tmp_path / "d.nii.gz", vol()), adc_file=save(tmp_path / "a.nii.gz", data))
 
 
+def test_nan_in_a_2d_image_is_a_clear_error(tmp_path):
+    data = vol((12, 10))  # a 2-D NIfTI: refused with a clear line, not a crash in the NaN check
+    data[0, 0] = np.nan
+    with pytest.raises(InputError, match="1 voxels are NaN or infinite"):
+        run(tmp_path, dwi_file=save(tmp_path / "d.nii.gz", data))
+
+
 @pytest.mark.parametrize("value,msg", [(0.0, "all voxels are zero"), (3.0, "constant")])
 def test_empty_or_constant(tmp_path, value, msg):
     with pytest.raises(InputError, match=msg):

@@ -184,7 +184,8 @@ def build_subject_report(output_dir, subject, work_dir=None, run_info=None) -> P
     models = info.pop("models", None)
     html = environment().get_template("subject.html").render(
         subject=data["subject"], sessions=data["sessions"], crashes=data["crashes"],
-        orphan_crashes=data["orphan_crashes"], superseded_crashes=data["superseded_crashes"], run_info={k: fmt_value(v) for k, v in info.items()},
+        orphan_crashes=data["orphan_crashes"], superseded_crashes=data["superseded_crashes"],
+        run_info={k: fmt_value(v) for k, v in info.items()},
         run_models=_models(models),
         citations=CITATIONS, status_meta=STATUS_META, status_json=json.dumps(statuses, sort_keys=True),
         step_order=STEP_ORDER,
