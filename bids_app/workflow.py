@@ -59,9 +59,8 @@ def init_single_subject_wf(session: SessionInputs, config: RunConfig, members: l
     from nodes.skullstrip import BrainExtraction
 
     from models import registry
-    from models.registry import members_for_session
 
-    members, dropped = members_for_session(members, session.flair is not None)
+    members, dropped = registry.members_for_session(members, session.flair is not None)
     if not members:
         raise ValueError(f"no member of the ensemble can run without FLAIR ({', '.join(dropped)})")
     name = session_name(session)
@@ -142,8 +141,8 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
                if p is not None]
     spatial = bids_uri(config.bids_dir, session.dwi)
     used = [p for p in provenance if p.get("name") in members]  # the members that ran for this session
-    seg_sources = sources + ([bids_uri(config.bids_dir, session.flair)]
-                             if session.flair is not None and any(p.get("needs_flair") for p in used) else [])
+    flair = [bids_uri(config.bids_dir, session.flair)] if session.flair is not None else []
+    seg_sources = sources + (flair if any(p.get("needs_flair") for p in used) else [])
     mask_meta = {
         "Type": "Lesion", "Description": "Acute ischemic stroke lesion (DWI/ADC), binary",
         "Sources": seg_sources, "SpatialReference": spatial, "Threshold": config.threshold,
@@ -192,8 +191,7 @@ def _connect_outputs(wf, session, config, members, provenance, brain, seg_wf, st
         for index, member in enumerate(members):
             own = [p for p in provenance if p["name"] == member]
             member_meta = {**mask_meta, "Models": own,
-                           "Sources": sources + (seg_sources[len(sources):] if own and own[0].get("needs_flair")
-                                                 else []),
+                           "Sources": sources + (flair if own and own[0].get("needs_flair") else []),
                            "EnsembleRule": "none (single member of the ensemble)"}
             for suffix, field, dtype in (("mask", "member_masks", "uint8"),
                                          ("probseg", "member_probs", "float32")):
